@@ -1,0 +1,115 @@
+"""Base configuration shared by every experiment.
+
+Every field can be overridden on the command line, e.g.
+
+    python -m medseg_jax.main --config=configs/unetpp.py:cpu --workdir=runs/x \
+        --config.optim.lr=3e-4 --config.train.num_epochs=5
+
+Experiment files (`configs/unet.py`, `configs/unetpp.py`) start from
+`get_config()` here and change only what differs.
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  """Returns the base config: the seed-002 ISIC recipe on synthetic lesions."""
+  del arg
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Input. `source='synthetic'` needs no files: procedural dermoscopy-like lesions.
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'synthetic'
+  config.data.image_size = 256
+  config.data.num_classes = 1  # 1 = binary (sigmoid); K >= 2 = softmax, 0 is background.
+  config.data.in_channels = 3
+  config.data.synthetic = ml_collections.ConfigDict(
+      dict(num_patients=400, images_per_patient=5))
+  # Patient-level split, deterministic from `split_seed`.
+  config.data.val_fraction = 0.15
+  config.data.test_fraction = 0.15
+  config.data.split_seed = 0
+  # Per-channel normalisation of images scaled to [0, 1] (ImageNet statistics).
+  config.data.mean = (0.485, 0.456, 0.406)
+  config.data.std = (0.229, 0.224, 0.225)
+  # Grain worker processes per JAX process (0 = load in the main process).
+  config.data.worker_count = 2
+  config.data.prefetch_buffer_size = 4
+  config.data.augment = ml_collections.ConfigDict(dict(
+      flip=True,
+      rot90=True,
+      affine_prob=0.5,
+      rotate_degrees=15.0,
+      scale_min=0.9,
+      scale_max=1.1,
+      color_prob=0.8,
+      brightness=0.2,
+      contrast=0.2,
+      saturation=0.1,
+      hue=0.02,
+  ))
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'unetpp'
+  config.model.features = (32, 64, 128, 256, 512)
+  config.model.norm = 'batch'
+  config.model.dtype = 'bfloat16'  # Compute dtype; parameters stay float32.
+  config.model.upsample = 'transpose'
+  config.model.residual = False
+  config.model.deep_supervision = False
+  config.model.dropout_rate = 0.0
+
+  # Loss = sum of weight * term; names are those of `medseg_jax.losses.LOSSES`.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.weights = ml_collections.ConfigDict(dict(dice=0.5, ce=0.5))
+
+  # AdamW with linear warmup then cosine decay (seed 002: lr 1e-4, wd 1e-4).
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = 'adamw'
+  config.optim.lr = 1e-4
+  config.optim.weight_decay = 1e-4
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.schedule = 'cosine'  # 'cosine' or 'constant'.
+  config.optim.warmup_epochs = 1.0
+  config.optim.min_lr_ratio = 0.01
+  config.optim.grad_clip_norm = 1.0
+
+  # Durations: give `num_epochs` or `num_steps` (steps win when > 0).
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 16  # Global batch, split over every device.
+  config.train.num_epochs = 20
+  config.train.num_steps = -1
+  config.train.log_every_steps = 50
+  config.train.eval_every_epochs = 1.0
+  config.train.checkpoint_every_steps = -1  # -1: at every evaluation.
+  config.train.max_checkpoints = 2
+  config.train.progress_bar = True
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 32
+  config.eval.threshold = 0.5
+  return config
+
+
+def shrink_for_cpu(config):
+  """Shrinks a full-size recipe in place so it trains in minutes on a laptop CPU.
+
+  Same data, model family, loss and schedule; smaller images, widths and data
+  set, a higher learning rate for the short schedule, and no worker processes
+  (on 2 cores they would compete with the train step for the CPU).
+  """
+  config.data.image_size = 64
+  config.data.synthetic.num_patients = 160
+  config.data.synthetic.images_per_patient = 5
+  config.data.worker_count = 0
+  config.model.features = (16, 32, 64, 128)
+  config.model.dtype = 'float32'  # bf16 convolutions are emulated (slow) on CPU.
+  config.optim.lr = 2e-3
+  config.optim.warmup_epochs = 0.5
+  config.train.batch_size = 16
+  config.train.num_epochs = 12
+  config.train.log_every_steps = 10
+  config.eval.batch_size = 64
+  return config

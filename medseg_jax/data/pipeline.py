@@ -1,0 +1,203 @@
+"""Grain input pipelines: source -> patient split -> transforms -> batches.
+
+The order of training examples is a pure function of (seed, global position):
+global position `k` is the k-th example of the global batch stream, i.e. step
+`k // global_batch`, slot `k % global_batch`. Each JAX process loads only its
+own slots of every global batch, and augmentation randomness is seeded by the
+global position. Hence the global batch at step s is the same whatever the
+number of processes or devices, and a resumed run sees the same data as an
+uninterrupted one. The iterator state (its position) is saved with checkpoints.
+
+This module imports no JAX: process index/count are passed in.
+"""
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+
+from medseg_jax.data import splits as splits_lib
+from medseg_jax.data import sources
+from medseg_jax.data import transforms as transforms_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+  """A source and its record indices per split."""
+  source: Any
+  indices: dict[str, np.ndarray]
+
+  def size(self, split: str) -> int:
+    """Returns the number of records in `split`."""
+    return len(self.indices[split])
+
+
+def build_splits(data_cfg) -> DataSplits:
+  """Builds the source named by `data_cfg` and splits it by patient."""
+  source = sources.build_source(data_cfg)
+  if len(source) == 0:
+    raise ValueError(f'config.data.source={data_cfg.source!r} has no records.')
+  indices = splits_lib.split_patients(
+      source.patient_ids,
+      val_fraction=data_cfg.val_fraction,
+      test_fraction=data_cfg.test_fraction,
+      seed=data_cfg.split_seed,
+      train_fraction=data_cfg.get('train_fraction', 1.0))
+  return DataSplits(source=source, indices=indices)
+
+
+class _EpochShuffledOrder:
+  """Maps a global position to a record index, reshuffling every epoch."""
+
+  def __init__(self, indices: np.ndarray, seed: int):
+    self._indices = np.asarray(indices)
+    self._seed = seed
+    self._cached = (-1, None)
+
+  def __call__(self, position: int) -> int:
+    n = len(self._indices)
+    epoch, offset = divmod(int(position), n)
+    if self._cached[0] != epoch:
+      perm = np.random.default_rng([self._seed, epoch]).permutation(n)
+      self._cached = (epoch, perm)
+    return int(self._indices[self._cached[1][offset]])
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalSlots:
+  """Maps a process-local example index to its global position."""
+  global_batch: int
+  local_batch: int
+  process_index: int
+
+  def __call__(self, local_index: int) -> int:
+    step, slot = divmod(int(local_index), self.local_batch)
+    return step * self.global_batch + self.process_index * self.local_batch + slot
+
+
+class _LoadAndTransform(grain.transforms.Map):
+  """Loads the record at a global position and applies the transforms.
+
+  Random transforms get a generator seeded by (seed, position), so the same
+  global position is augmented identically in every process layout.
+  """
+
+  def __init__(self, source, record_of_position, ops, seed: int):
+    self._source = source
+    self._record_of_position = record_of_position
+    self._ops = ops
+    self._seed = seed
+
+  def map(self, position):
+    position, valid = position if isinstance(position, tuple) else (position, 1)
+    element = dict(self._source[self._record_of_position(position)])
+    rng = np.random.default_rng([self._seed, int(position)])
+    for op in self._ops:
+      if isinstance(op, grain.transforms.RandomMap):
+        element = op.random_map(element, rng)
+      else:
+        element = op.map(element)
+    element['valid'] = np.float32(valid)
+    return element
+
+
+def _local_batch_size(global_batch: int, process_count: int, key: str) -> int:
+  """Returns the per-process batch size, or raises if it does not divide."""
+  if global_batch % process_count:
+    raise ValueError(f'{key}={global_batch} must be divisible by the number of '
+                     f'JAX processes ({process_count}).')
+  return global_batch // process_count
+
+
+def _to_iter(dataset: grain.MapDataset, data_cfg) -> grain.IterDataset:
+  """Turns a map dataset into a prefetching iterable, with workers if asked."""
+  iter_ds = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=max(1, data_cfg.prefetch_buffer_size),
+      prefetch_buffer_size=data_cfg.prefetch_buffer_size))
+  if data_cfg.worker_count > 0:
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
+  return iter_ds
+
+
+def train_dataset(data: DataSplits, data_cfg, *, global_batch: int,
+                  num_steps: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  """Returns this process's training batches for `num_steps` steps.
+
+  Args:
+    data: the source and its splits.
+    data_cfg: `config.data`.
+    global_batch: examples per step over all processes.
+    num_steps: length of the stream in steps.
+    seed: seed of the shuffle and of augmentation.
+    process_index: index of this JAX process.
+    process_count: number of JAX processes.
+
+  Returns:
+    An IterDataset of dicts `image` f32 `[b, *spatial, C]`, `label` i32
+    `[b, *spatial]`, `valid` f32 `[b]`, with b = global_batch / process_count.
+    Its iterators are checkpointable (`get_state`/`set_state`).
+  """
+  local_batch = _local_batch_size(global_batch, process_count,
+                                  'config.train.batch_size')
+  ops = transforms_lib.build_train_transforms(
+      data_cfg.augment, data_cfg.mean, data_cfg.std)
+  order = _EpochShuffledOrder(data.indices['train'], seed)
+  dataset = (
+      grain.MapDataset.range(num_steps * local_batch)
+      .map(_LocalSlots(global_batch, local_batch, process_index))
+      .map(_LoadAndTransform(data.source, order, ops, seed))
+      .batch(local_batch, drop_remainder=True))
+  return _to_iter(dataset, data_cfg)
+
+
+class _IndexLookup:
+  """Maps a position in a split to its record index (picklable, for workers)."""
+
+  def __init__(self, indices: np.ndarray):
+    self._indices = np.asarray(indices)
+
+  def __call__(self, position: int) -> int:
+    return int(self._indices[position])
+
+
+@dataclasses.dataclass(frozen=True)
+class _PaddedEvalSlots:
+  """Maps a local eval index to (global position, valid) over a padded split."""
+  num_records: int
+  global_batch: int
+  local_batch: int
+  process_index: int
+
+  def __call__(self, local_index: int):
+    position = _LocalSlots(self.global_batch, self.local_batch,
+                           self.process_index)(local_index)
+    valid = int(position < self.num_records)
+    return (min(position, self.num_records - 1), valid)
+
+
+def eval_dataset(data: DataSplits, data_cfg, split: str, *, global_batch: int,
+                 process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """Returns this process's batches of a whole split, in a fixed order.
+
+  The split is padded to a multiple of `global_batch` with copies of its last
+  record whose `valid` is 0, so metrics summed under `valid` are exact and every
+  step has the same shape (one compilation).
+  """
+  local_batch = _local_batch_size(global_batch, process_count,
+                                  'config.eval.batch_size')
+  indices = data.indices[split]
+  if not len(indices):
+    raise ValueError(f'The {split!r} split is empty.')
+  num_steps = -(-len(indices) // global_batch)
+  ops = transforms_lib.build_eval_transforms(data_cfg.mean, data_cfg.std)
+  dataset = (
+      grain.MapDataset.range(num_steps * local_batch)
+      .map(_PaddedEvalSlots(len(indices), global_batch, local_batch,
+                            process_index))
+      .map(_LoadAndTransform(data.source, _IndexLookup(indices), ops, 0))
+      .batch(local_batch, drop_remainder=True))
+  return _to_iter(dataset, data_cfg)

@@ -1,0 +1,212 @@
+"""train_and_evaluate(config, workdir): the training loop, in labelled sections.
+
+Mesh -> input -> model and optimiser -> state (fresh or resumed) -> jitted
+steps -> loop (update, log, evaluate, checkpoint) -> summary.
+"""
+
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from medseg_jax import checkpoint as checkpoint_lib
+from medseg_jax import models
+from medseg_jax import optim
+from medseg_jax import parallel
+from medseg_jax import state as state_lib
+from medseg_jax import steps
+from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import pipeline
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Raised when the training loss becomes NaN or infinite."""
+
+
+def spatial_shape(data_cfg) -> tuple[int, ...]:
+  """Returns the spatial input shape from `config.data.image_size`."""
+  size = data_cfg.image_size
+  return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def training_schedule(config, num_train: int) -> dict[str, int]:
+  """Converts durations in epochs to steps, in one place.
+
+  Returns:
+    {'steps_per_epoch', 'total_steps', 'warmup_steps', 'eval_every',
+    'checkpoint_every', 'log_every'}.
+  """
+  batch = config.train.batch_size
+  if num_train < batch:
+    raise ValueError(f'The train split has {num_train} images, fewer than '
+                     f'config.train.batch_size={batch}.')
+  per_epoch = num_train // batch
+  total = (config.train.num_steps if config.train.num_steps > 0 else
+           max(1, round(config.train.num_epochs * per_epoch)))
+  eval_every = max(1, round(config.train.eval_every_epochs * per_epoch))
+  ckpt_every = config.train.checkpoint_every_steps
+  return {
+      'steps_per_epoch': per_epoch,
+      'total_steps': total,
+      'warmup_steps': round(config.optim.warmup_epochs * per_epoch),
+      'eval_every': eval_every,
+      'checkpoint_every': ckpt_every if ckpt_every > 0 else eval_every,
+      'log_every': max(1, config.train.log_every_steps),
+  }
+
+
+def _host(tree):
+  """Fetches replicated global arrays to host NumPy (works multi-process)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _check_finite(pending, latest_checkpoint) -> None:
+  """Raises NonFiniteLossError naming the first step whose loss is not finite."""
+  for step, values in pending:
+    if not np.isfinite(values['loss']):
+      raise NonFiniteLossError(
+          f'Loss is {values["loss"]} at step {step}; stopping. The latest '
+          f'checkpoint (step {latest_checkpoint}) predates it and was kept. '
+          'Try a lower config.optim.lr or config.model.dtype=float32.')
+
+
+def evaluate(eval_step, state, data, config, split: str, mesh) -> dict:
+  """Runs `eval_step` over a whole split and returns summarised metrics."""
+  dataset = pipeline.eval_dataset(
+      data, config.data, split, global_batch=config.eval.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  totals = None
+  for local in dataset:
+    sums = eval_step(state, parallel.global_batch(local, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  return steps.summarize_eval_sums(_host(totals))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains, evaluates on the validation split and checkpoints, resuming if possible.
+
+  Args:
+    config: the experiment's ConfigDict (see configs/default.py).
+    workdir: where config.json, metrics.jsonl and checkpoints/ are written.
+
+  Returns:
+    The validation metrics of the last evaluation, plus 'best_dice'.
+  """
+  is_main = jax.process_index() == 0
+
+  # Workdir: fail before writing anything if we cannot use it.
+  workdir_lib.check_writable(workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir, config.train.max_checkpoints)
+  workdir_lib.check_resumable(workdir, config, ckpt.latest_step() is not None)
+
+  # Mesh.
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.train.batch_size, mesh,
+                            'config.train.batch_size')
+  parallel.check_batch_size(config.eval.batch_size, mesh,
+                            'config.eval.batch_size')
+
+  # Input.
+  data = pipeline.build_splits(config.data)
+  sched = training_schedule(config, data.size('train'))
+  total_steps = sched['total_steps']
+  train_iter = iter(pipeline.train_dataset(
+      data, config.data, global_batch=config.train.batch_size,
+      num_steps=total_steps, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count()))
+
+  # Model and optimiser.
+  model = models.create_model(config.model, config.data.num_classes)
+  schedule = optim.learning_rate_schedule(
+      config.optim, total_steps=total_steps, warmup_steps=sched['warmup_steps'])
+  tx = optim.create_optimizer(config.optim, schedule)
+
+  # State: restored from the latest checkpoint, or fresh.
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  input_shape = (1, *spatial_shape(config.data), config.data.in_channels)
+  abstract = state_lib.abstract_train_state(model, tx, input_shape, init_rng)
+  shardings = state_lib.state_shardings(abstract, mesh)
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    state, start_step = ckpt.restore_latest(
+        checkpoint_lib.abstract_with_shardings(abstract, shardings), train_iter)
+    logging.info('Resumed from step %d of %s.', start_step, workdir)
+  else:
+    state = state_lib.create_train_state(model, tx, input_shape, init_rng, mesh)
+    start_step = 0
+  if is_main:
+    workdir_lib.write_config(workdir, config)
+  log = workdir_lib.MetricsLog(workdir, enabled=is_main)
+  best_dice = ckpt.best_metric()
+
+  # Steps, jitted once; the state is donated so it is updated in place.
+  replicated = parallel.replicated_sharding(mesh)
+  train_step = jax.jit(
+      steps.make_train_step(model, tx, config.loss.weights, schedule),
+      donate_argnums=0, out_shardings=(shardings, replicated))
+  eval_step = jax.jit(
+      steps.make_eval_step(model, config.data.num_classes,
+                           config.eval.threshold), out_shardings=replicated)
+
+  # Loop.
+  logging.info('Training %s for %d steps (%d per epoch) on %d device(s).',
+               config.model.name, total_steps, sched['steps_per_epoch'],
+               mesh.devices.size)
+  bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
+                  disable=not (is_main and config.train.progress_bar),
+                  dynamic_ncols=True)
+  pending, last_checkpoint = [], start_step or None
+  val_metrics = {}
+  interval_start, interval_steps = time.perf_counter(), 0
+  for step in range(start_step + 1, total_steps + 1):
+    local = next(train_iter)
+    batch = parallel.global_batch(
+        {'image': local['image'], 'label': local['label']}, mesh)
+    if step == start_step + 1:
+      compile_start = time.perf_counter()
+      train_step = train_step.lower(state, batch, train_rng).compile()
+      log.write(step, 'train', {'compile_time_s':
+                                time.perf_counter() - compile_start})
+      interval_start = time.perf_counter()
+    state, step_metrics = train_step(state, batch, train_rng)
+    pending.append((step, step_metrics))
+    interval_steps += 1
+    bar.update(1)
+
+    is_eval = step % sched['eval_every'] == 0 or step == total_steps
+    is_ckpt = is_eval or step % sched['checkpoint_every'] == 0
+    if step % sched['log_every'] == 0 or is_ckpt:
+      fetched = [(s, _host(m)) for s, m in pending]
+      _check_finite(fetched, last_checkpoint)
+      elapsed = time.perf_counter() - interval_start
+      summary = {k: float(np.mean([m[k] for _, m in fetched]))
+                 for k in fetched[-1][1]}
+      summary['images_per_s'] = (
+          interval_steps * config.train.batch_size / max(elapsed, 1e-9))
+      summary['epoch'] = step / sched['steps_per_epoch']
+      log.write(step, 'train', summary)
+      bar.set_postfix(loss=f'{summary["loss"]:.4f}',
+                      img_s=f'{summary["images_per_s"]:.1f}')
+      pending, interval_start, interval_steps = [], time.perf_counter(), 0
+
+    if is_eval:
+      val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
+      log.write(step, 'val', val_metrics)
+      bar.write(f'step {step}: val dice {val_metrics["dice"]:.4f} '
+                f'iou {val_metrics["iou"]:.4f}')
+      if val_metrics['dice'] > best_dice:
+        best_dice = val_metrics['dice']
+        ckpt.save_best(step, state, val_metrics)
+    if is_ckpt:
+      ckpt.save_latest(step, state, train_iter)
+      last_checkpoint = step
+      interval_start = time.perf_counter()  # Do not count eval/save as training.
+  bar.close()
+  if not val_metrics:  # The run had already finished: report, do not retrain.
+    val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
+  ckpt.close()
+  val_metrics['best_dice'] = best_dice
+  return val_metrics
