@@ -101,3 +101,25 @@ def abstract_with_shardings(abstract_state, shardings):
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
+
+
+def load_state_arrays(workdir: str, which: str = 'latest', step=None):
+  """Loads a saved TrainState as host NumPy arrays, without a model or mesh.
+
+  Args:
+    workdir: the run's workdir.
+    which: 'latest' or 'best'.
+    step: a step to load; the newest of `which` when None.
+
+  Returns:
+    (state dict with 'step', 'params', 'batch_stats', 'opt_state', step).
+  """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints', which))
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True), item_names=('state',)) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {directory}.')
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  return jax.device_get(restored['state']), step

@@ -38,9 +38,20 @@ def _initialize_distributed() -> None:
                                process_id=FLAGS.process_id)
 
 
+def _enable_compilation_cache() -> None:
+  """Keeps compiled programs on disk, so a resumed or repeated run skips compiling.
+
+  Uses $JAX_COMPILATION_CACHE_DIR when set, else ~/.cache/medseg_jax/xla.
+  """
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir', os.path.join(
+        os.path.expanduser('~'), '.cache', 'medseg_jax', 'xla'))
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _enable_compilation_cache()
   _initialize_distributed()
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
                jax.process_count(), jax.devices())

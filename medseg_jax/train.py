@@ -64,11 +64,17 @@ def _host(tree):
 
 
 def _check_finite(pending, latest_checkpoint) -> None:
-  """Raises NonFiniteLossError naming the first step whose loss is not finite."""
+  """Raises NonFiniteLossError naming the first step with a non-finite loss.
+
+  The parameter norm is checked too: an update can turn the parameters to NaN
+  while the loss of that step (computed before the update) is still finite.
+  """
   for step, values in pending:
-    if not np.isfinite(values['loss']):
+    bad = {k: values[k] for k in ('loss', 'l2_params')
+           if not np.isfinite(values[k])}
+    if bad:
       raise NonFiniteLossError(
-          f'Loss is {values["loss"]} at step {step}; stopping. The latest '
+          f'Non-finite {bad} at step {step}; stopping. The latest '
           f'checkpoint (step {latest_checkpoint}) predates it and was kept. '
           'Try a lower config.optim.lr or config.model.dtype=float32.')
 
@@ -161,52 +167,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending, last_checkpoint = [], start_step or None
   val_metrics = {}
   interval_start, interval_steps = time.perf_counter(), 0
-  for step in range(start_step + 1, total_steps + 1):
-    local = next(train_iter)
-    batch = parallel.global_batch(
-        {'image': local['image'], 'label': local['label']}, mesh)
-    if step == start_step + 1:
-      compile_start = time.perf_counter()
-      train_step = train_step.lower(state, batch, train_rng).compile()
-      log.write(step, 'train', {'compile_time_s':
-                                time.perf_counter() - compile_start})
-      interval_start = time.perf_counter()
-    state, step_metrics = train_step(state, batch, train_rng)
-    pending.append((step, step_metrics))
-    interval_steps += 1
-    bar.update(1)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      local = next(train_iter)
+      batch = parallel.global_batch(
+          {'image': local['image'], 'label': local['label']}, mesh)
+      if step == start_step + 1:
+        compile_start = time.perf_counter()
+        train_step = train_step.lower(state, batch, train_rng).compile()
+        log.write(step, 'train', {'compile_time_s':
+                                  time.perf_counter() - compile_start})
+        interval_start = time.perf_counter()
+      state, step_metrics = train_step(state, batch, train_rng)
+      pending.append((step, step_metrics))
+      interval_steps += 1
+      bar.update(1)
 
-    is_eval = step % sched['eval_every'] == 0 or step == total_steps
-    is_ckpt = is_eval or step % sched['checkpoint_every'] == 0
-    if step % sched['log_every'] == 0 or is_ckpt:
-      fetched = [(s, _host(m)) for s, m in pending]
-      _check_finite(fetched, last_checkpoint)
-      elapsed = time.perf_counter() - interval_start
-      summary = {k: float(np.mean([m[k] for _, m in fetched]))
-                 for k in fetched[-1][1]}
-      summary['images_per_s'] = (
-          interval_steps * config.train.batch_size / max(elapsed, 1e-9))
-      summary['epoch'] = step / sched['steps_per_epoch']
-      log.write(step, 'train', summary)
-      bar.set_postfix(loss=f'{summary["loss"]:.4f}',
-                      img_s=f'{summary["images_per_s"]:.1f}')
-      pending, interval_start, interval_steps = [], time.perf_counter(), 0
+      is_eval = step % sched['eval_every'] == 0 or step == total_steps
+      is_ckpt = is_eval or step % sched['checkpoint_every'] == 0
+      if step % sched['log_every'] == 0 or is_ckpt:
+        fetched = [(s, _host(m)) for s, m in pending]
+        _check_finite(fetched, last_checkpoint)
+        elapsed = time.perf_counter() - interval_start
+        summary = {k: float(np.mean([m[k] for _, m in fetched]))
+                   for k in fetched[-1][1]}
+        summary['images_per_s'] = (
+            interval_steps * config.train.batch_size / max(elapsed, 1e-9))
+        summary['epoch'] = step / sched['steps_per_epoch']
+        log.write(step, 'train', summary)
+        bar.set_postfix(loss=f'{summary["loss"]:.4f}',
+                        img_s=f'{summary["images_per_s"]:.1f}')
+        pending, interval_start, interval_steps = [], time.perf_counter(), 0
 
-    if is_eval:
-      val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
-      log.write(step, 'val', val_metrics)
-      bar.write(f'step {step}: val dice {val_metrics["dice"]:.4f} '
-                f'iou {val_metrics["iou"]:.4f}')
-      if val_metrics['dice'] > best_dice:
-        best_dice = val_metrics['dice']
-        ckpt.save_best(step, state, val_metrics)
-    if is_ckpt:
-      ckpt.save_latest(step, state, train_iter)
-      last_checkpoint = step
-      interval_start = time.perf_counter()  # Do not count eval/save as training.
-  bar.close()
+      if is_eval:
+        val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
+        log.write(step, 'val', val_metrics)
+        bar.write(f'step {step}: val dice {val_metrics["dice"]:.4f} '
+                  f'iou {val_metrics["iou"]:.4f}')
+        if val_metrics['dice'] > best_dice:
+          best_dice = val_metrics['dice']
+          ckpt.save_best(step, state, val_metrics)
+      if is_ckpt:
+        ckpt.save_latest(step, state, train_iter)
+        last_checkpoint = step
+        interval_start = time.perf_counter()  # Do not count eval/save as training.
+  finally:  # Pending saves complete even when the run stops on an error.
+    bar.close()
+    ckpt.close()
   if not val_metrics:  # The run had already finished: report, do not retrain.
     val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
-  ckpt.close()
   val_metrics['best_dice'] = best_dice
   return val_metrics
