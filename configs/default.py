@@ -104,12 +104,11 @@ def shrink_for_cpu(config):
   config.data.synthetic.num_patients = 160
   config.data.synthetic.images_per_patient = 5
   config.data.worker_count = 0
-  config.model.features = (16, 32, 64, 128)
+  config.model.features = (8, 16, 32, 64)
   config.model.dtype = 'float32'  # bf16 convolutions are emulated (slow) on CPU.
   config.optim.lr = 2e-3
   config.optim.warmup_epochs = 0.5
   config.train.batch_size = 16
-  config.train.num_epochs = 12
   config.train.log_every_steps = 10
   config.eval.batch_size = 64
   return config
