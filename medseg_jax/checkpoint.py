@@ -106,20 +106,28 @@ def abstract_with_shardings(abstract_state, shardings):
 def load_state_arrays(workdir: str, which: str = 'latest', step=None):
   """Loads a saved TrainState as host NumPy arrays, without a model or mesh.
 
+  Works whatever the device layout the checkpoint was saved with (e.g. saved
+  on 4 devices, read on 1): arrays are restored onto the first local device.
+
   Args:
     workdir: the run's workdir.
     which: 'latest' or 'best'.
     step: a step to load; the newest of `which` when None.
 
   Returns:
-    (state dict with 'step', 'params', 'batch_stats', 'opt_state', step).
+    (state dict with 'step', 'params', 'batch_stats', 'opt_state'; step).
   """
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints', which))
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True), item_names=('state',)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+  if step is None:
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if (
+        os.path.isdir(directory)) else []
+    if not steps:
       raise FileNotFoundError(f'No checkpoint in {directory}.')
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-  return jax.device_get(restored['state']), step
+    step = max(steps)
+  path = os.path.join(directory, str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return jax.device_get(checkpointer.restore(path, target)), step

@@ -51,6 +51,10 @@ def _enable_compilation_cache() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    # Orbax and Grain log every save at INFO; keep the console to the progress
+    # bar and our summaries unless the user asks for more (-v 0).
+    logging.set_verbosity(logging.WARNING)
   _enable_compilation_cache()
   _initialize_distributed()
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),

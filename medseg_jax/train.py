@@ -6,7 +6,6 @@ steps -> loop (update, log, evaluate, checkpoint) -> summary.
 
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,7 +138,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if start_step is not None:
     state, start_step = ckpt.restore_latest(
         checkpoint_lib.abstract_with_shardings(abstract, shardings), train_iter)
-    logging.info('Resumed from step %d of %s.', start_step, workdir)
+    if is_main:
+      print(f'Resuming from step {start_step} of {workdir}.')
   else:
     state = state_lib.create_train_state(model, tx, input_shape, init_rng, mesh)
     start_step = 0
@@ -158,9 +158,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            config.eval.threshold), out_shardings=replicated)
 
   # Loop.
-  logging.info('Training %s for %d steps (%d per epoch) on %d device(s).',
-               config.model.name, total_steps, sched['steps_per_epoch'],
-               mesh.devices.size)
+  if is_main:
+    print(f'Training {config.model.name} for {total_steps} steps '
+          f'({sched["steps_per_epoch"]} per epoch) on {mesh.devices.size} '
+          f'{jax.devices()[0].platform.upper()} device(s); '
+          f'{data.size("train")}/{data.size("val")}/{data.size("test")} '
+          'train/val/test images.')
   bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                   disable=not (is_main and config.train.progress_bar),
                   dynamic_ncols=True)
