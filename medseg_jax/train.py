@@ -78,6 +78,47 @@ def _check_finite(pending, latest_checkpoint) -> None:
           'Try a lower config.optim.lr or config.model.dtype=float32.')
 
 
+class _IntervalLogger:
+  """Collects per-step metrics on device; fetches, checks and logs them in batches.
+
+  Fetching only every `log_every` steps keeps the host from waiting on the
+  device each step.
+  """
+
+  def __init__(self, log, bar, batch_size: int, steps_per_epoch: int):
+    self._log, self._bar = log, bar
+    self._batch_size, self._steps_per_epoch = batch_size, steps_per_epoch
+    self._pending = []
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """Starts timing a new interval of training steps."""
+    self._start, self._steps = time.perf_counter(), 0
+
+  def add(self, step: int, step_metrics) -> None:
+    """Records one step's (device) metrics."""
+    self._pending.append((step, step_metrics))
+    self._steps += 1
+    self._bar.update(1)
+
+  def flush(self, step: int, last_checkpoint) -> None:
+    """Fetches pending metrics, stops on non-finite values, logs their mean."""
+    if not self._pending:
+      return
+    fetched = [(s, _host(m)) for s, m in self._pending]
+    _check_finite(fetched, last_checkpoint)
+    elapsed = max(time.perf_counter() - self._start, 1e-9)
+    summary = {k: float(np.mean([m[k] for _, m in fetched]))
+               for k in fetched[-1][1]}
+    summary['images_per_s'] = self._steps * self._batch_size / elapsed
+    summary['epoch'] = step / self._steps_per_epoch
+    self._log.write(step, 'train', summary)
+    self._bar.set_postfix(loss=f'{summary["loss"]:.4f}',
+                          img_s=f'{summary["images_per_s"]:.1f}')
+    self._pending = []
+    self.restart_clock()
+
+
 def evaluate(eval_step, state, data, config, split: str, mesh) -> dict:
   """Runs `eval_step` over a whole split and returns summarised metrics."""
   dataset = pipeline.eval_dataset(
@@ -136,8 +177,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   shardings = state_lib.state_shardings(abstract, mesh)
   start_step = ckpt.latest_step()
   if start_step is not None:
-    state, start_step = ckpt.restore_latest(
-        checkpoint_lib.abstract_with_shardings(abstract, shardings), train_iter)
+    try:
+      state, start_step = ckpt.restore_latest(
+          checkpoint_lib.abstract_with_shardings(abstract, shardings),
+          train_iter)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+          f'Cannot resume from the checkpoint in {workdir!r}: it does not '
+          f'match this config ({e}). Use a new --workdir, or the config it '
+          'was trained with. The checkpoint was not modified.') from e
     if is_main:
       print(f'Resuming from step {start_step} of {workdir}.')
   else:
@@ -167,41 +215,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
   bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                   disable=not (is_main and config.train.progress_bar),
                   dynamic_ncols=True)
-  pending, last_checkpoint = [], start_step or None
-  val_metrics = {}
-  interval_start, interval_steps = time.perf_counter(), 0
+  logger = _IntervalLogger(log, bar, config.train.batch_size,
+                           sched['steps_per_epoch'])
+  last_checkpoint, val_metrics = start_step or None, {}
   try:
     for step in range(start_step + 1, total_steps + 1):
       local = next(train_iter)
       batch = parallel.global_batch(
           {'image': local['image'], 'label': local['label']}, mesh)
-      if step == start_step + 1:
+      if step == start_step + 1:  # Compile once, timed, before the first step.
         compile_start = time.perf_counter()
         train_step = train_step.lower(state, batch, train_rng).compile()
         log.write(step, 'train', {'compile_time_s':
                                   time.perf_counter() - compile_start})
-        interval_start = time.perf_counter()
+        logger.restart_clock()
       state, step_metrics = train_step(state, batch, train_rng)
-      pending.append((step, step_metrics))
-      interval_steps += 1
-      bar.update(1)
+      logger.add(step, step_metrics)
 
       is_eval = step % sched['eval_every'] == 0 or step == total_steps
       is_ckpt = is_eval or step % sched['checkpoint_every'] == 0
       if step % sched['log_every'] == 0 or is_ckpt:
-        fetched = [(s, _host(m)) for s, m in pending]
-        _check_finite(fetched, last_checkpoint)
-        elapsed = time.perf_counter() - interval_start
-        summary = {k: float(np.mean([m[k] for _, m in fetched]))
-                   for k in fetched[-1][1]}
-        summary['images_per_s'] = (
-            interval_steps * config.train.batch_size / max(elapsed, 1e-9))
-        summary['epoch'] = step / sched['steps_per_epoch']
-        log.write(step, 'train', summary)
-        bar.set_postfix(loss=f'{summary["loss"]:.4f}',
-                        img_s=f'{summary["images_per_s"]:.1f}')
-        pending, interval_start, interval_steps = [], time.perf_counter(), 0
-
+        # Also before every save: a checkpoint never holds non-finite values.
+        logger.flush(step, last_checkpoint)
       if is_eval:
         val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
         log.write(step, 'val', val_metrics)
@@ -213,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if is_ckpt:
         ckpt.save_latest(step, state, train_iter)
         last_checkpoint = step
-        interval_start = time.perf_counter()  # Do not count eval/save as training.
+        logger.restart_clock()  # Evaluation and saving are not training time.
   finally:  # Pending saves complete even when the run stops on an error.
     bar.close()
     ckpt.close()

@@ -5,6 +5,7 @@ Shapes are tiny (32x32, widths 4-16): XLA CPU convolutions are slow on 2 cores.
 Pure shape checks use jax.eval_shape, which traces without compiling.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -354,3 +355,23 @@ def test_trains_and_loss_decreases(arch, extra):
   assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
   for leaf in jax.tree.leaves(params):
     assert leaf.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_transpose_upsampling_equals_flax_conv_transpose(ndim):
+  # Up('transpose') is a matmul + depth-to-space; with its kernel reshaped
+  # (and spatially flipped, the transposed-convolution convention) it must
+  # give exactly nn.ConvTranspose(kernel 2, stride 2).
+  x = jax.random.normal(jax.random.PRNGKey(0), (2,) + (3,) * ndim + (4,))
+  up = layers.Up(5, 'transpose', dtype=jnp.float32)
+  variables = up.init(jax.random.PRNGKey(1), x)
+  params = variables['params']
+  bias = jnp.arange(5, dtype=jnp.float32)
+  params = {**params, 'conv_transpose_bias': bias}
+  kernel = params['conv_transpose']['kernel'].reshape(4, *(2,) * ndim, 5)
+  kernel = jnp.flip(jnp.moveaxis(kernel, 0, ndim), axis=tuple(range(ndim)))
+  reference = nn.ConvTranspose(5, (2,) * ndim, strides=(2,) * ndim,
+                               padding='VALID')
+  expected = reference.apply({'params': {'kernel': kernel, 'bias': bias}}, x)
+  np.testing.assert_allclose(up.apply({'params': params}, x), expected,
+                             atol=1e-5)

@@ -63,3 +63,20 @@ def test_eval_dataset_pads_with_invalid_copies_to_whole_batches():
   # Evaluation images are not augmented: the same record twice is identical.
   again = list(pipeline.eval_dataset(data, data_cfg, 'val', global_batch=4))
   np.testing.assert_array_equal(batches[0]['image'], again[0]['image'])
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+  data, data_cfg = _data_and_cfg()
+  kwargs = dict(global_batch=4, num_steps=5, seed=2)
+  in_process = _batches(iter(pipeline.train_dataset(data, data_cfg, **kwargs)),
+                        5)
+  data_cfg.worker_count = 2
+  dataset = pipeline.train_dataset(data, data_cfg, **kwargs)
+  iterator = iter(dataset)
+  first = _batches(iterator, 2)
+  state = iterator.get_state()
+  resumed = iter(dataset)
+  resumed.set_state(state)
+  for a, b in zip(in_process, first + _batches(resumed, 3)):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
