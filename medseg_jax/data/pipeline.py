@@ -14,6 +14,7 @@ This module imports no JAX: process index/count are passed in.
 import dataclasses
 from typing import Any
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -116,6 +117,10 @@ def _to_iter(dataset: grain.MapDataset, data_cfg) -> grain.IterDataset:
       num_threads=max(1, data_cfg.prefetch_buffer_size),
       prefetch_buffer_size=data_cfg.prefetch_buffer_size))
   if data_cfg.worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # Grain's workers read absl flags; outside `app.run` (notebooks, tests,
+      # other training loops) they would be unparsed and raise.
+      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
   return iter_ds

@@ -16,13 +16,13 @@ the ISIC recipe of seed 002) are in `DEFAULT_AUGMENT`. A zero probability or
 amount, or `False`, turns a transform off.
 """
 
-from collections.abc import Sequence
 import dataclasses
-import itertools
+import functools
 import math
 
 import grain
 import numpy as np
+from scipy import ndimage
 
 DEFAULT_AUGMENT = dict(
     flip=True,  # Mirror along each spatial axis with probability 1/2.
@@ -107,200 +107,35 @@ def _rotation_scale_matrix(nd: int, axes, degrees: float,
   return m / scale
 
 
-# Output pixels resampled per strip. Temporaries of a strip are reused from
-# the allocator's free lists; whole-image temporaries (> 256 KiB) come as
-# fresh pages whose faults cost more than the arithmetic (measured 256x256:
-# 16k px 4.0 ms, 32k px 3.3 ms, 48k px 5.3 ms; smaller strips pay overhead).
-_STRIP_PIXELS = 16384
-
-
-def _source_coords(shape, matrix: np.ndarray, start: int,
-                   stop: int) -> list[np.ndarray]:
-  """Returns, per spatial axis, where output rows [start, stop) sample input.
-
-  The transform is about the centre of the array: in = c + M (out - c).
-  """
-  nd = len(shape)
-  strip = (stop - start,) + tuple(shape[1:])
-  offsets = []
-  for j, n in enumerate(shape):
-    v = np.arange(start, stop) if j == 0 else np.arange(n)
-    v = v.astype(np.float32) - np.float32((n - 1) / 2)
-    offsets.append(v.reshape([-1 if d == j else 1 for d in range(nd)]))
-  coords = []
-  for i, n in enumerate(shape):
-    acc = np.full([1] * nd, (n - 1) / 2, np.float32)
-    for j in range(nd):
-      if matrix[i, j]:
-        acc = acc + np.float32(matrix[i, j]) * offsets[j]
-    coords.append(np.broadcast_to(acc, strip))
-  return coords
-
-
-def _fold(coord: np.ndarray, n: int, mode: str) -> np.ndarray:
-  """Maps sample coordinates along an axis of length n to source positions.
-
-  Returns positions in [0, n - 1]; for 'constant', in [0, n + 1] of the
-  source padded with one ring of zeros.
-  """
-  low, high = coord.min(), coord.max()
-  if mode != 'constant' and low >= 0 and high <= n - 1:
-    return coord  # All inside (e.g. zooming in): nothing to fold.
-  if mode == 'reflect':
-    # Half-sample symmetric (scipy.ndimage 'reflect'): ... c b a | a b c ...
-    # One reflection at each border covers coordinates in [-n, 2n); np.mod
-    # (several times slower) is only needed for large zoom-outs.
-    if low < -n or high >= 2 * n - 1:
-      coord = np.mod(coord + 0.5, 2 * n) - 0.5
-    folded = np.abs(coord + 0.5)
-    folded -= n
-    np.abs(folded, out=folded)
-    np.subtract(n - 0.5, folded, out=folded)
-    return np.clip(folded, 0, n - 1, out=folded)
-  if mode == 'nearest':
-    return np.clip(coord, 0, n - 1)
-  folded = np.clip(coord, -1, n)  # 'constant'.
-  folded += 1.0
-  return folded
-
-
-def _flat_index(parts: Sequence[np.ndarray], shape) -> np.ndarray:
-  """Returns the C-order flat index of non-negative coordinates `parts`
-  (floats are truncated, i.e. floored)."""
-  index = parts[0].astype(np.intp)
-  for part, n in zip(parts[1:], shape[1:]):
-    index *= n
-    index += part.astype(np.intp, copy=False)
-  return index
-
-
-def _pack_rgba8(image: np.ndarray) -> np.ndarray:
-  """Returns uint8 [H, W, C in {3, 4}] as uint32 [H, W], a pixel per word."""
-  h, w, channels = image.shape
-  if channels == 4:
-    return np.ascontiguousarray(image).view(np.uint32)[..., 0]
-  # RGB bytes read 4 at a time, 3 apart: (r, g, b, next pixel's r). The stray
-  # 4th byte is blended in its own lane and dropped when unpacking.
-  buf = np.zeros(h * w * 3 + 1, np.uint8)
-  buf[:-1] = image.reshape(-1)
-  return np.ascontiguousarray(
-      np.ndarray((h, w), np.uint32, buffer=buf, strides=(3 * w, 3)))
-
-
-def _blend_rgba8(packed: np.ndarray, coords, out: np.ndarray):
-  """Writes bilinear samples of packed pixels at `coords` into uint8 `out`.
-
-  The channels of a word are split into two 16-bit lanes (bytes 0, 2 and
-  1, 3) and blended with integer weights in 1/16-pixel steps that sum to 256,
-  which cannot overflow a lane (255 * 256 < 2**16). One gather per corner
-  serves all channels.
-  """
-  rows, cols = packed.shape
-  lows, fracs = [], []
-  for coord in coords:
-    q = coord * 16.0
-    q += 0.5
-    q = q.astype(np.int32)  # Position in 1/16 pixels (coord >= 0).
-    low = q >> 4
-    q -= low << 4  # Fraction in sixteenths, 0..15.
-    lows.append(low)
-    fracs.append(q.astype(np.uint32))
-  base = lows[0].astype(np.intp)
-  base *= cols
-  base += lows[1]
-  fy, fx = fracs
-  gy, gx = 16 - fy, 16 - fx
-  corners = ((0, gy * gx), (1, gy * fx), (cols, fy * gx), (cols + 1, fy * fx))
-  flat = packed.reshape(-1)
-  lanes = np.uint32(0x00FF00FF)
-  even = odd = None
-  for offset, weight in corners:
-    pixels = np.take(flat[offset:], base)
-    part = np.bitwise_and(pixels, lanes)
-    part *= weight
-    pixels >>= 8
-    pixels &= lanes
-    pixels *= weight
-    if even is None:
-      even, odd = part, pixels
-    else:
-      even += part
-      odd += pixels
-  half = np.uint32(0x00800080)
-  even += half
-  even >>= 8
-  even &= lanes
-  odd += half
-  odd &= np.uint32(0xFF00FF00)
-  even |= odd
-  blended = even.reshape(-1).view(np.uint8)
-  for ch in range(out.shape[-1]):  # Cheaper than copying a [..., :3] view.
-    out[..., ch] = blended[ch::4].reshape(out.shape[:-1])
-
-
-def _blend_linear(src: np.ndarray, coords, out: np.ndarray):
-  """Writes (multi)linear samples of `src` [*spatial, C] at `coords` into
-  `out` (same dtype as src; integers rounded)."""
-  spatial, channels = src.shape[:-1], src.shape[-1]
-  lows, fracs = [], []
-  for coord in coords:
-    low = coord.astype(np.intp)  # coord >= 0: floor.
-    lows.append(low)
-    fracs.append(coord - low.astype(np.float32))
-  # Each corner of the interpolation cell is the base index plus a constant.
-  base = _flat_index(lows, spatial)
-  base *= channels
-  strides = np.cumprod((channels,) + spatial[:0:-1])[::-1]
-  weights, offsets = [], []
-  for corner in itertools.product((0, 1), repeat=len(spatial)):
-    weight = None
-    for bit, frac in zip(corner, fracs):
-      w = frac if bit else 1.0 - frac
-      weight = w if weight is None else weight * w
-    weights.append(weight)
-    offsets.append(int(np.dot(corner, strides)))
-  flat = src.reshape(-1)
-  acc = np.empty(base.shape, np.float32)
-  tmp = np.empty(base.shape, np.float32)
-  integer = np.issubdtype(src.dtype, np.integer)
-  for ch in range(channels):
-    acc.fill(0.5 if integer else 0.0)
-    for weight, offset in zip(weights, offsets):
-      np.multiply(weight, np.take(flat[ch + offset:], base), out=tmp)
-      acc += tmp
-    if integer:
-      np.floor(acc, out=acc)  # Of value + 0.5: round half up.
-    out[..., ch] = acc
+# Our padding names -> scipy.ndimage modes. 'grid-constant' pads with zeros
+# beyond the border without scipy's legacy 'constant' edge interpolation.
+_SCIPY_MODES = {'reflect': 'reflect', 'nearest': 'nearest',
+                'constant': 'grid-constant'}
 
 
 def _warp(element, nd: int, matrix: np.ndarray, mode: str) -> dict:
-  """Returns `element` with image (linear) and class maps (nearest) sampled
-  at in = c + M (out - c), strip by strip along the first spatial axis."""
+  """Returns `element` with image (linear) and class maps (nearest) resampled.
+
+  Output voxel `out` samples the input at `c + M (out - c)`, c the centre, on
+  one grid for image and masks (scipy.ndimage.affine_transform, order 1 for
+  the image channels, order 0 for class maps), so they stay aligned.
+  """
   image = np.asarray(element['image'])
   shape = image.shape[:nd]
-  pad = [(1, 1)] * nd if mode == 'constant' else [(0, 0)] * nd
-  # The linear source gets one more row/column at the far ends, so the upper
-  # corner of a cell always exists (its weight is 0 at the last position).
-  far = [(a, b + 1) for a, b in pad]
-  if image.dtype == np.uint8 and nd == 2 and image.shape[-1] in (3, 4):
-    src, blend = np.pad(_pack_rgba8(image), far), _blend_rgba8
-  else:
-    src, blend = np.pad(image, far + [(0, 0)]), _blend_linear
+  centre = (np.asarray(shape, np.float64) - 1) / 2
+  offset = centre - matrix @ centre
+  warp = functools.partial(ndimage.affine_transform, matrix=matrix,
+                           offset=offset, mode=_SCIPY_MODES[mode])
+  channels = [warp(image[..., c].astype(np.float32), order=1)
+              for c in range(image.shape[-1])]
+  warped = np.stack(channels, axis=-1)
+  if image.dtype == np.uint8:
+    warped = np.clip(np.rint(warped), 0, 255)
   out = dict(element)
-  out['image'] = np.empty_like(image)
-  labels = {k: np.pad(np.asarray(element[k]), pad)
-            for k in _GEOMETRIC_KEYS if k in element}
-  for key, labels_src in labels.items():
-    out[key] = np.empty(shape, labels_src.dtype)
-  rows = max(1, _STRIP_PIXELS // math.prod(shape[1:]))
-  for start in range(0, shape[0], rows):
-    stop = min(shape[0], start + rows)
-    coords = [_fold(c, n, mode) for c, n in
-              zip(_source_coords(shape, matrix, start, stop), shape)]
-    blend(src, coords, out['image'][start:stop])
-    for key, labels_src in labels.items():
-      nearest = _flat_index([c + 0.5 for c in coords], labels_src.shape)
-      out[key][start:stop] = np.take(labels_src.reshape(-1), nearest)
+  out['image'] = warped.astype(image.dtype)
+  for key in _GEOMETRIC_KEYS:
+    if key in element:
+      out[key] = warp(np.asarray(element[key]), order=0)
   return out
 
 
@@ -309,10 +144,7 @@ class RandomAffine(grain.transforms.RandomMap):
   """Random small rotation and zoom about the centre, image and mask together.
 
   The image is resampled (multi)linearly, the mask by nearest neighbour, on the
-  same sampling grid, so they stay aligned; both match
-  scipy.ndimage.affine_transform (order 1 and 0), which is 3-4x slower than
-  these NumPy gathers: ~4 ms for 256x256x3 uint8 on one core, whose pixels
-  are blended in 1/16-pixel steps (within a few levels of exact).
+  same sampling grid (scipy.ndimage.affine_transform), so they stay aligned.
 
   Attributes:
     prob: probability of transforming an element.
