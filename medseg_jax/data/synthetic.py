@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from medseg_jax.data import blas
+
 _IMAGE_STREAM = 0  # Seed-sequence tags: per-image and per-patient draws.
 _PATIENT_STREAM = 1
 MIN_AREA_FRACTION = 0.005  # Lesion area / image area is log-uniform in here.
@@ -29,10 +31,6 @@ MAX_AREA_FRACTION = 0.40
 HAIR_RGB = (0.12, 0.08, 0.06)
 MIN_LESION_DARKENING = 0.45  # Luminance drop of full pigment, at least.
 _LUMA = np.array([0.299, 0.587, 0.114])
-# OpenBLAS runs a GEMM on one thread when m * n * k <= 4 * 65536; on several
-# threads the small products here are slowed down many times over whenever
-# another core is busy (e.g. a training step next to the data loader).
-_SINGLE_THREAD_GEMM = 4 * 65536
 
 
 def _as_hw(image_size) -> tuple[int, int]:
@@ -45,17 +43,6 @@ def _as_hw(image_size) -> tuple[int, int]:
     raise ValueError(f'image_size={image_size!r}: each side must be >= 8 '
                      'pixels (config.data.image_size).')
   return h, w
-
-
-def _gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Returns a @ b, in row blocks small enough for BLAS to use one thread."""
-  rows = max(1, _SINGLE_THREAD_GEMM // (a.shape[1] * b.shape[1]))
-  if rows >= a.shape[0]:
-    return a @ b
-  out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-  for i in range(0, a.shape[0], rows):
-    np.matmul(a[i:i + rows], b, out=out[i:i + rows])
-  return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -87,7 +74,7 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int],
   cy = max(1, math.ceil(h / feature))
   cx = max(1, math.ceil(w / feature))
   grid = rng.standard_normal((cy + 2, cx + 2), dtype=np.float32)
-  return _gemm(_interp_matrix(h, cy), _gemm(grid, _interp_matrix(w, cx, True)))
+  return blas.single_thread_matmul(_interp_matrix(h, cy), blas.single_thread_matmul(grid, _interp_matrix(w, cx, True)))
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ import grain
 import numpy as np
 from scipy import ndimage
 
+from medseg_jax.data import blas
+
 DEFAULT_AUGMENT = dict(
     flip=True,  # Mirror along each spatial axis with probability 1/2.
     rot90=True,  # Rotate by k * 90 degrees in the plane of axes (0, 1).
@@ -258,7 +260,7 @@ class ColorJitter(grain.transforms.RandomMap):
     # x -> color (c * b * x + (1 - c) * grey): brightness, contrast, colour.
     matrix = (c * b) * color
     offset = color @ np.full(channels, (1 - c) * grey)
-    jittered = _small_gemm(flat, matrix.T.astype(np.float32))
+    jittered = blas.single_thread_matmul(flat, matrix.T.astype(np.float32))
     jittered = _add_per_channel(jittered.reshape(image.shape), offset)
     np.clip(jittered, 0.0, top, out=jittered)
     if image.dtype == np.uint8:
@@ -301,18 +303,6 @@ def _add_per_channel(x: np.ndarray, shift, scale=None) -> np.ndarray:
     out *= per_channel(scale)
   out += per_channel(shift)
   return out.reshape(x.shape)
-
-
-def _small_gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Returns a @ b in row blocks that OpenBLAS runs on the calling thread
-  (its threaded path is very slow for thin products when cores are busy)."""
-  rows = max(1, (4 * 65536) // (a.shape[1] * b.shape[1]))
-  if rows >= a.shape[0]:
-    return a @ b
-  out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-  for i in range(0, a.shape[0], rows):
-    np.matmul(a[i:i + rows], b, out=out[i:i + rows])
-  return out
 
 
 @dataclasses.dataclass(frozen=True)
