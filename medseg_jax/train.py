@@ -124,10 +124,13 @@ def evaluate(eval_step, state, data, config, split: str, mesh) -> dict:
   dataset = pipeline.eval_dataset(
       data, config.data, split, global_batch=config.eval.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
-  totals = None
-  for local in dataset:
-    sums = eval_step(state, parallel.global_batch(local, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals, iterator = None, iter(dataset)
+  try:
+    for local in iterator:
+      sums = eval_step(state, parallel.global_batch(local, mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  finally:
+    iterator.close()  # Stops worker processes and frees their shared memory.
   return steps.summarize_eval_sums(_host(totals))
 
 
@@ -252,6 +255,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   finally:  # Pending saves complete even when the run stops on an error.
     bar.close()
     ckpt.close()
+    train_iter.close()
   if not val_metrics:  # The run had already finished: report, do not retrain.
     val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
   val_metrics['best_dice'] = best_dice
