@@ -26,10 +26,48 @@ def get_config(arg=None):
   config.data.in_channels = 3
   config.data.synthetic = ml_collections.ConfigDict(
       dict(num_patients=400, images_per_patient=5))
+  # Procedural BraTS-like volumes (`source='synthetic3d'`).
+  config.data.synthetic3d = ml_collections.ConfigDict(dict(
+      num_patients=24, volume_size=(32, 64, 64), in_channels=4, seed=0))
+  # Files on disk (`source` in 'isic2018', 'folder', 'nifti'): the data folder,
+  # which is only ever read. See README "Your own data".
+  config.data.root = ''
+  # Raw mask values in class order, e.g. (0, 255); () = 0/255 or 0/1 for
+  # binary, 0..K-1 as they are for K classes.
+  config.data.label_values = ()
+  config.data.folder = ml_collections.ConfigDict(dict(
+      images='images', masks='masks', mask_suffix='', manifest=''))
+  config.data.isic = ml_collections.ConfigDict(dict(metadata_csv=''))
+  # Decoded (and preprocessed) cases: 'memory', 'disk' (in cache_dir, default
+  # ~/.cache/medseg_jax/cases) or 'none'.
+  config.data.cache = 'memory'
+  config.data.cache_dir = ''
+  # Volumes: intensity normalisation per case and optional resampling.
+  config.data.preprocess = ml_collections.ConfigDict(dict(
+      intensity='zscore',  # 'zscore', 'ct', 'percentile' or 'none'.
+      zscore_foreground=False,
+      ct_window=(-1000.0, 1000.0),
+      clip_percentiles=(0.5, 99.5),
+      target_spacing=(),  # () keeps the native spacing; else (D, H, W) mm.
+  ))
+  # Volumes: '3d' trains on random patches, '2d' on axial slices (with
+  # `slice_context` neighbouring slices on each side as extra channels).
+  config.data.volume_mode = '3d'
+  config.data.slice_context = 0
+  # 3D training patch (D, H, W); () trains on whole images. A share
+  # `foreground_oversample` of patches is centred on foreground (nnU-Net: 1/3).
+  config.data.patch_size = ()
+  config.data.foreground_oversample = 0.33
   # Patient-level split, deterministic from `split_seed`.
   config.data.val_fraction = 0.15
   config.data.test_fraction = 0.15
   config.data.split_seed = 0
+  # Share of the training patients used (nested: 0.1 of them are in 0.25).
+  config.data.train_fraction = 1.0
+  # k-fold cross-validation by patient: num_folds > 1 replaces the validation
+  # split by fold `fold` of the non-test patients.
+  config.data.num_folds = 0
+  config.data.fold = 0
   # Per-channel normalisation of images scaled to [0, 1] (ImageNet statistics).
   config.data.mean = (0.485, 0.456, 0.406)
   config.data.std = (0.229, 0.224, 0.225)
@@ -48,6 +86,18 @@ def get_config(arg=None):
       contrast=0.2,
       saturation=0.1,
       hue=0.02,
+      # Intensity and elastic augmentation (volumes; 0 = off).
+      gamma_prob=0.0,
+      gamma_range=(0.7, 1.5),
+      noise_prob=0.0,
+      noise_std=0.1,
+      blur_prob=0.0,
+      blur_sigma=(0.5, 1.0),
+      intensity_prob=0.0,
+      intensity_scale=0.25,
+      elastic_prob=0.0,
+      elastic_alpha=0.0,
+      elastic_sigma=0.0,
   ))
 
   config.model = ml_collections.ConfigDict()

@@ -77,3 +77,49 @@ def test_too_few_patients_names_the_empty_split():
 def test_bad_fractions_name_the_config_keys():
   with pytest.raises(ValueError, match='config.data.val_fraction'):
     splits.split_patients(_patient_ids(), val_fraction=0.6, test_fraction=0.5)
+
+
+def _fold_cfg(**kw):
+  import ml_collections
+  values = dict(val_fraction=0.2, test_fraction=0.2, split_seed=3,
+                train_fraction=1.0, num_folds=0, fold=0)
+  values.update(kw)
+  return ml_collections.ConfigDict(values)
+
+
+def test_split_for_config_folds_cover_non_test_patients_once():
+  patients = [f'p{i // 3}' for i in range(3 * 23)]  # 23 patients, 3 images.
+  k = 4
+  results = [splits.split_for_config(patients, _fold_cfg(num_folds=k, fold=f))
+             for f in range(k)]
+  tests = {tuple(r['test']) for r in results}
+  assert len(tests) == 1  # The test split does not depend on the fold.
+  test_patients = {patients[i] for i in results[0]['test']}
+  seen = []
+  for r in results:
+    val = {patients[i] for i in r['val']}
+    train = {patients[i] for i in r['train']}
+    assert not val & train and not val & test_patients
+    assert not train & test_patients
+    assert val | train | test_patients == set(patients)
+    seen.extend(val)
+  assert sorted(seen) == sorted(set(patients) - test_patients)  # Exactly once.
+
+
+def test_split_for_config_fold_fractions_nested():
+  patients = [f'p{i}' for i in range(40)]
+  trains = [set(splits.split_for_config(
+      patients, _fold_cfg(num_folds=5, fold=2, train_fraction=f))['train'])
+            for f in (0.25, 0.5, 1.0)]
+  assert trains[0] < trains[1] < trains[2]
+
+
+def test_split_for_config_without_folds_is_split_patients():
+  patients = [f'p{i % 17}' for i in range(50)]
+  cfg = _fold_cfg(train_fraction=0.5)
+  expected = splits.split_patients(patients, val_fraction=0.2,
+                                   test_fraction=0.2, seed=3,
+                                   train_fraction=0.5)
+  got = splits.split_for_config(patients, cfg)
+  for name in splits.SPLITS:
+    np.testing.assert_array_equal(got[name], expected[name])

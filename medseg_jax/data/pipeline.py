@@ -39,12 +39,7 @@ def build_splits(data_cfg) -> DataSplits:
   source = sources.build_source(data_cfg)
   if len(source) == 0:
     raise ValueError(f'config.data.source={data_cfg.source!r} has no records.')
-  indices = splits_lib.split_patients(
-      source.patient_ids,
-      val_fraction=data_cfg.val_fraction,
-      test_fraction=data_cfg.test_fraction,
-      seed=data_cfg.split_seed,
-      train_fraction=data_cfg.get('train_fraction', 1.0))
+  indices = splits_lib.split_for_config(source.patient_ids, data_cfg)
   return DataSplits(source=source, indices=indices)
 
 

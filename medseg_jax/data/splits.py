@@ -100,3 +100,47 @@ def kfold_patients(patient_ids: Sequence[str], *, num_folds: int, fold: int,
   train = set(patients) - val
   return {'train': _records_of(patient_ids, train),
           'val': _records_of(patient_ids, val)}
+
+
+def split_for_config(patient_ids: Sequence[str], data_cfg) -> dict[str, np.ndarray]:
+  """Returns train/val/test record indices as `config.data` asks.
+
+  Without folds (`num_folds` <= 1) this is `split_patients`. With k folds the
+  test patients are held out first (`test_fraction`, same seed, so the test
+  split does not depend on the fold), the other patients are split into k
+  folds, and fold `fold` is the validation split; `train_fraction` then keeps
+  a nested share of that fold's training patients.
+
+  Args:
+    patient_ids: the patient id of each record.
+    data_cfg: `config.data` (val_fraction, test_fraction, split_seed, and
+      optionally train_fraction, num_folds, fold).
+
+  Returns:
+    {'train': idx, 'val': idx, 'test': idx}: sorted record indices.
+  """
+  seed = data_cfg.split_seed
+  train_fraction = data_cfg.get('train_fraction', 1.0)
+  num_folds = data_cfg.get('num_folds', 0)
+  if num_folds <= 1:
+    return split_patients(patient_ids, val_fraction=data_cfg.val_fraction,
+                          test_fraction=data_cfg.test_fraction, seed=seed,
+                          train_fraction=train_fraction)
+  if not 0 < train_fraction <= 1:
+    raise ValueError(f'config.data.train_fraction={train_fraction} must be in '
+                     '(0, 1].')
+  held_out = split_patients(patient_ids, val_fraction=0.0,
+                            test_fraction=data_cfg.test_fraction, seed=seed)
+  rest = held_out['train']
+  try:
+    folds = kfold_patients([patient_ids[i] for i in rest], num_folds=num_folds,
+                           fold=data_cfg.get('fold', 0), seed=seed)
+  except ValueError as e:
+    raise ValueError(f'config.data.num_folds/fold: {e}') from e
+  train_patients = _shuffled_patients(
+      [patient_ids[rest[i]] for i in folds['train']], seed)
+  kept = set(train_patients[:max(1, math.ceil(len(train_patients) *
+                                               train_fraction))])
+  return {'train': _records_of(patient_ids, kept),
+          'val': np.sort(rest[folds['val']]),
+          'test': held_out['test']}
