@@ -24,6 +24,7 @@ def get_config(arg=None):
   config.data.image_size = 256
   config.data.num_classes = 1  # 1 = binary (sigmoid); K >= 2 = softmax, 0 is background.
   config.data.in_channels = 3
+  config.data.class_names = ()  # Names of classes 1..K-1 for reports.
   config.data.synthetic = ml_collections.ConfigDict(
       dict(num_patients=400, images_per_patient=5))
   # Procedural BraTS-like volumes (`source='synthetic3d'`).
@@ -77,6 +78,7 @@ def get_config(arg=None):
   config.data.augment = ml_collections.ConfigDict(dict(
       flip=True,
       rot90=True,
+      rotate_axes=(0, 1),  # Plane of rot90 and rotations; (1, 2) for volumes.
       affine_prob=0.5,
       rotate_degrees=15.0,
       scale_min=0.9,
@@ -140,6 +142,18 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32
   config.eval.threshold = 0.5
+  # --mode=evaluate / predict. Runs trained on patches predict by sliding
+  # windows of the training patch; `overlap` and `blend` as in nnU-Net.
+  config.eval.overlap = 0.5
+  config.eval.blend = 'gaussian'  # 'gaussian' or 'constant'.
+  config.eval.sw_batch_size = 4
+  config.eval.tta = False  # Mean of the probabilities over mirror flips.
+  config.eval.postprocess = ml_collections.ConfigDict(dict(
+      fill_holes=False, min_size=0, largest_component=False))
+  # predict: MC-dropout samples (needs model.dropout_rate > 0; 0 = off) and
+  # whether to write probability maps next to the masks.
+  config.eval.mc_samples = 0
+  config.eval.save_probabilities = False
   return config
 
 

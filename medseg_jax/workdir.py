@@ -89,6 +89,52 @@ def check_resumable(workdir: str, config, has_checkpoint: bool) -> None:
         'checkpoint was not modified.')
 
 
+def saved_config_dict(workdir: str) -> dict:
+  """Returns the run's `config.json` as a dict; raises if there is none."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: {workdir!r} is not a training workdir (train '
+        'first with --mode=train, or pass the --workdir of a trained run).')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_config(workdir: str):
+  """Returns the ConfigDict a run was trained with (from its config.json).
+
+  JSON has no tuples: lists of numbers come back as tuples, as configs write
+  them.
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+
+  return ml_collections.ConfigDict(tuples(saved_config_dict(workdir)))
+
+
+def check_same_model(workdir: str, config) -> None:
+  """Raises if `config` describes another model than the one `workdir` trained.
+
+  Used before loading a checkpoint for evaluation or prediction, so a
+  mismatch is reported by config key instead of as a shape error.
+  """
+  lines = incompatible_keys(saved_config_dict(workdir),
+                            config_as_json_dict(config))
+  lines = [line for line in lines if not line.startswith('config.optim.')]
+  if lines:
+    raise ValueError(
+        f'The checkpoints in {workdir!r} were trained with another model '
+        'config than the one given:\n' + '\n'.join('  ' + l for l in lines) +
+        '\nPass the config the run was trained with, or leave --config out '
+        'to use its config.json.')
+
+
 def write_config(workdir: str, config) -> None:
   """Writes `config.json` (atomically, so a crash never leaves half a file)."""
   path = os.path.join(workdir, 'config.json')

@@ -28,7 +28,8 @@ from medseg_jax.data import blas
 
 DEFAULT_AUGMENT = dict(
     flip=True,  # Mirror along each spatial axis with probability 1/2.
-    rot90=True,  # Rotate by k * 90 degrees in the plane of axes (0, 1).
+    rot90=True,  # Rotate by k * 90 degrees in the plane of `rotate_axes`.
+    rotate_axes=(0, 1),  # Rotation plane; (1, 2) for (D, H, W) volumes.
     affine_prob=0.5,  # Probability of a small rotation + scaling.
     rotate_degrees=15.0,  # Rotation angle uniform in [-15, 15] degrees.
     scale_min=0.9,  # Zoom factor log-uniform in [scale_min, scale_max].
@@ -380,15 +381,17 @@ def build_train_transforms(aug_cfg, mean, std) -> list:
     return _field(aug_cfg, name, default)
 
   ops = []
+  axes = tuple(get('rotate_axes', (0, 1)))
   flip, rot90 = bool(get('flip', False)), bool(get('rot90', False))
   if flip or rot90:
-    ops.append(RandomFlipRot90(flip_prob=0.5 if flip else 0.0, rot90=rot90))
+    ops.append(RandomFlipRot90(flip_prob=0.5 if flip else 0.0, rot90=rot90,
+                               axes=axes))
   affine_prob = float(get('affine_prob'))
   degrees = float(get('rotate_degrees'))
   scales = (float(get('scale_min', 1.0)), float(get('scale_max', 1.0)))
   if affine_prob > 0 and (degrees > 0 or scales != (1.0, 1.0)):
     ops.append(RandomAffine(prob=affine_prob, max_rotate_degrees=degrees,
-                            scale_range=scales))
+                            scale_range=scales, axes=axes))
   color_prob = float(get('color_prob'))
   amounts = {k: float(get(k)) for k in ('brightness', 'contrast', 'saturation',
                                         'hue')}
