@@ -5,7 +5,8 @@
 Shapes come from jax.eval_shape, so nothing is allocated; `--flops` also
 compiles each eval-mode forward (XLA cost analysis, a multiply-add = 2 FLOPs).
 Reference points: the classic U-Net (64..1024) has ~31M parameters, UNet++ at
-(32..512) ~9M (seed 002).
+(32..512) ~9M, TransUNet R50-ViT-B/16 ~105M (seed 002; 105.28M in Chen et al.
+2021 at 224x224, whose 14x14 position embeddings are 46k fewer than at 256).
 """
 
 import argparse
@@ -26,6 +27,11 @@ ZOO = (
                                       deep_supervision=True)),
     ('unetpp 64..1024', dict(name='unetpp',
                              features=(64, 128, 256, 512, 1024))),
+    # The module defaults are the paper's R50-ViT-B/16 (stages 3, 4, 9;
+    # ViT-B: hidden 768, 12 layers, 12 heads, MLP 3072, 1x1 patches).
+    ('transunet R50-ViT-B/16', dict(name='transunet',
+                                    features=(64, 256, 512, 1024),
+                                    norm='group', upsample='linear')),
 )
 
 

@@ -4,7 +4,8 @@
     variables = model.init(rngs, x, train=False)
     logits = model.apply(variables, x, train=False)   # [B, *spatial, K] f32
 
-Every model is channels-last and works for 2D and 3D inputs alike.
+Every model is channels-last and works for 2D and 3D inputs alike
+(`transunet` registers itself with `@register` in its own file).
 """
 
 from medseg_jax.models import layers
@@ -14,6 +15,7 @@ from medseg_jax.models.registry import create_model
 from medseg_jax.models.registry import known_models
 from medseg_jax.models.registry import model_summary
 from medseg_jax.models.registry import register
+from medseg_jax.models.transunet import TransUNet
 from medseg_jax.models.unet import UNet
 from medseg_jax.models.unetpp import UNetPlusPlus
 
@@ -21,6 +23,6 @@ register('unet')(UNet)
 register('unetpp')(UNetPlusPlus)
 
 __all__ = [
-    'UNet', 'UNetPlusPlus', 'abstract_variables', 'count_params',
+    'TransUNet', 'UNet', 'UNetPlusPlus', 'abstract_variables', 'count_params',
     'create_model', 'known_models', 'layers', 'model_summary', 'register',
 ]
