@@ -1,5 +1,6 @@
 """Tests of medseg_jax.data.volume_sources: MSD/nnU-Net, slices, checks."""
 
+import concurrent.futures
 import json
 import os
 import pickle
@@ -333,3 +334,43 @@ def test_stacked_context_equals_slices_for_prediction():
         stacked[z], volume_sources.slice_with_context(image, z, 2))
   np.testing.assert_array_equal(volume_sources.stack_slice_context(image, 0),
                                 image)
+
+
+def test_2d_slices_of_several_sizes_need_a_patch_size(tmp_path):
+  root = make_msd(str(tmp_path / 'Task'), n=2)
+  save(os.path.join(root, 'imagesTr', 'case_001.nii.gz'),
+       np.zeros((8, 7, 5, 2), np.float32))
+  save(os.path.join(root, 'labelsTr', 'case_001.nii.gz'),
+       np.zeros((8, 7, 5), np.uint8))
+  with pytest.raises(ValueError, match='patch_size'):
+    volume_sources.build_nifti_source(data_cfg(root, volume_mode='2d'))
+  slices = volume_sources.build_nifti_source(
+      data_cfg(root, volume_mode='2d', patch_size=(8, 8)))
+  assert slices[len(slices) - 1]['image'].shape == (7, 8, 2)
+
+
+def test_corrupt_disk_cache_entry_is_recomputed(tmp_path):
+  root = make_msd(str(tmp_path / 'Task'), n=1)
+  cache_dir = str(tmp_path / 'cache')
+  cfg = data_cfg(root, cache='disk', cache_dir=cache_dir)
+  expected = volume_sources.build_nifti_source(cfg)[0]['image']
+  (entry,) = [os.path.join(d, n) for d, _, names in os.walk(cache_dir)
+              for n in names]
+  with open(entry, 'wb') as f:
+    f.write(b'PK truncated')
+  again = volume_sources.build_nifti_source(cfg)[0]['image']
+  np.testing.assert_array_equal(again, expected)
+  assert os.path.getsize(entry) > 100  # Rewritten whole.
+
+
+def test_memory_cache_is_capped_and_thread_safe(tmp_path):
+  root = make_msd(str(tmp_path / 'Task'), n=4)
+  cfg = data_cfg(root, cache_memory_mb=2 * 5 * 7 * 6 * 9 / 2**20)  # 2 cases.
+  source = volume_sources.build_nifti_source(cfg)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    records = list(pool.map(source.__getitem__, [0, 1, 2, 3] * 5))
+  for i, record in enumerate(records):
+    assert record['case_id'] == f'case_{i % 4:03d}'
+  cache = source._cache  # pylint: disable=protected-access
+  assert len(cache._memory) == 2  # pylint: disable=protected-access
+  assert cache._used <= cache.memory_bytes  # pylint: disable=protected-access

@@ -44,6 +44,9 @@ import json
 import os
 import re
 import tempfile
+import threading
+import warnings
+import zipfile
 
 import numpy as np
 
@@ -335,17 +338,24 @@ class _CaseCache:
       self.folder = os.path.join(base, f'nifti-{tag}')
     self._memory = collections.OrderedDict()
     self._used = 0
+    self._lock = threading.Lock()  # Grain reads with several threads.
 
   def __getstate__(self):
     state = dict(self.__dict__)  # Workers start with an empty memory cache.
+    del state['_lock']
     state['_memory'], state['_used'] = collections.OrderedDict(), 0
     return state
 
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
   def get(self, key: str, name: str):
     """Returns the cached (image, mask, spacing) or None."""
-    if key in self._memory:
-      self._memory.move_to_end(key)
-      return self._memory[key]
+    with self._lock:
+      if key in self._memory:
+        self._memory.move_to_end(key)
+        return self._memory[key]
     if self.mode != 'disk':
       return None
     try:
@@ -355,29 +365,37 @@ class _CaseCache:
       for array in (image, mask):
         array.setflags(write=False)
       return image, mask, spacing
-    except (OSError, KeyError, ValueError, EOFError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
       return None  # Absent or unreadable: recomputed and rewritten.
 
   def put(self, key: str, name: str, value):
     """Stores (image, mask, spacing) in memory or atomically on disk."""
     if self.mode == 'memory':
-      size = value[0].nbytes + value[1].nbytes
-      self._memory[key] = value
-      self._used += size
-      while self._used > self.memory_bytes and len(self._memory) > 1:
-        _, (image, mask, _) = self._memory.popitem(last=False)
-        self._used -= image.nbytes + mask.nbytes
+      with self._lock:
+        if key not in self._memory:  # Another thread may have stored it.
+          self._memory[key] = value
+          self._used += value[0].nbytes + value[1].nbytes
+        while self._used > self.memory_bytes and len(self._memory) > 1:
+          _, (image, mask, _) = self._memory.popitem(last=False)
+          self._used -= image.nbytes + mask.nbytes
     elif self.mode == 'disk':
-      os.makedirs(self.folder, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=self.folder, suffix='.tmp')
       try:
-        with os.fdopen(fd, 'wb') as f:
-          np.savez(f, image=value[0], mask=value[1],
-                   spacing=np.asarray(value[2], np.float64))
-        os.replace(tmp, self._path(key, name))
-      finally:
-        if os.path.exists(tmp):
-          os.remove(tmp)
+        self._write(key, name, value)
+      except OSError as e:  # A full or read-only disk slows, never stops, us.
+        warnings.warn(f'Could not cache {name} in {self.folder}: {e}')
+
+  def _write(self, key: str, name: str, value):
+    """Writes a .npz next to its final name, then renames it (atomic)."""
+    os.makedirs(self.folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=self.folder, suffix='.tmp')
+    try:
+      with os.fdopen(fd, 'wb') as f:
+        np.savez(f, image=value[0], mask=value[1],
+                 spacing=np.asarray(value[2], np.float64))
+      os.replace(tmp, self._path(key, name))
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
 
   def _path(self, key: str, name: str) -> str:
     return os.path.join(self.folder, f'{name}-{key[:20]}.npz')
@@ -491,14 +509,18 @@ class NiftiSource:
             'patient_id': self._patient_ids[index],
             'case_id': self._case_ids[index]}
 
-  def depths(self) -> list[int]:
-    """Returns each case's D after preprocessing, from headers only."""
+  def shapes(self) -> list[tuple[int, ...]]:
+    """Returns each case's (D, H, W) after preprocessing, from headers only."""
     target = self.options['target_spacing']
     out = []
     for case in self.cases:
       shape, spacing, _, _ = volume_io.read_nifti_header(case.images[0])
-      out.append(preprocess.resampled_shape(shape, spacing, target)[0])
+      out.append(preprocess.resampled_shape(shape, spacing, target))
     return out
+
+  def depths(self) -> list[int]:
+    """Returns each case's D after preprocessing, from headers only."""
+    return [shape[0] for shape in self.shapes()]
 
 
 def _context_indices(z, context: int, depth: int) -> np.ndarray:
@@ -613,8 +635,9 @@ def build_nifti_source(data_cfg):
     A NiftiSource ('3d') or a SliceSource over one ('2d').
 
   Raises:
-    ValueError: missing root, data set problems, or in_channels that does not
-      match the data (names the value to set).
+    ValueError: missing root, data set problems, in_channels that does not
+      match the data (names the value to set), or 2D slices of several sizes
+      without config.data.patch_size.
   """
   root = data_cfg.get('root', '')
   if not root:
@@ -640,7 +663,16 @@ def build_nifti_source(data_cfg):
         f'{len(source.channel_names)} channel(s) {list(source.channel_names)}'
         + (f' x {2 * context + 1} slices (slice_context={context})'
            if context else '') + f': set config.data.in_channels={want}.')
-  return SliceSource(source, context) if mode == '2d' else source
+  if mode == '3d':
+    return source
+  sizes = {shape[1:] for shape in source.shapes()}
+  if len(sizes) > 1 and not tuple(data_cfg.get('patch_size', ()) or ()):
+    raise ValueError(
+        f'volume_mode=2d: slices have {len(sizes)} different (H, W) sizes, '
+        f'e.g. {sorted(sizes)[:3]}, which cannot be batched; set '
+        'config.data.patch_size=(H, W) (random 2D patches, padded where a '
+        'slice is smaller) or a target_spacing that gives one size.')
+  return SliceSource(source, context)
 
 
 def _case_problems(case: Case, num_classes, label_values, channels) -> list:
@@ -671,11 +703,15 @@ def find_problems_3d(data_cfg) -> list[tuple[str, str]]:
   (readable, image/label shapes and affines equal within AFFINE_RTOL/ATOL,
   label values in 0..K-1 or config.data.label_values, finite intensities).
 
+  Every file is decoded once (about a second per BraTS-sized case), nothing
+  is cached or written.
+
   Args:
     data_cfg: config.data (as for `build_nifti_source`).
 
   Returns:
-    [(path, reason)], empty when the data set is usable.
+    [(path, reason)] tuples (medseg_jax/data/check.py's `Problem` did not
+    exist yet), empty when the data set is usable.
   """
   if not data_cfg.get('root', ''):
     return [('config.data.root', "not set; source 'nifti' needs the folder "
