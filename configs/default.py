@@ -63,6 +63,12 @@ def get_config(arg=None):
   config.data.val_fraction = 0.15
   config.data.test_fraction = 0.15
   config.data.split_seed = 0
+  # True: use the data set's own train/val/test (ISIC 2018's validation and
+  # test folders, a manifest's split column) instead of the seeded split.
+  config.data.official_splits = False
+  # Check every file of a file data set before training (all problems listed
+  # at once; `--mode=check_data` runs the same check alone).
+  config.data.check = True
   # Share of the training patients used (nested: 0.1 of them are in 0.25).
   config.data.train_fraction = 1.0
   # k-fold cross-validation by patient: num_folds > 1 replaces the validation

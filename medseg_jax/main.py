@@ -1,6 +1,16 @@
 """Entry point: `python -m medseg_jax.main --config=configs/unetpp.py --workdir=runs/x`.
 
-Every config field can be overridden, e.g. `--config.optim.lr=3e-4`. For
+Modes:
+  train       (default) train, validate and checkpoint in --workdir; resumes.
+  evaluate    metrics, report and plots of a trained run on --split, written
+              to WORKDIR/eval/<split>/ (best checkpoint unless --checkpoint).
+  predict     masks for the images/volumes at --input, written to --output.
+  check_data  check the data set of --config and list every problem found.
+
+Every config field can be overridden, e.g. `--config.optim.lr=3e-4`.
+evaluate and predict use the run's config.json when --config is left out;
+with --config (e.g. another data set for external validation) the model part
+must match the run's. For
 several processes (one per host, or several on one machine for testing) pass
 --coordinator_address, --num_processes and --process_id, or let
 `jax.distributed.initialize` find them on a cluster (SLURM, TPU pods).
@@ -16,18 +26,26 @@ import jax
 from ml_collections import config_flags
 
 from medseg_jax import train
+from medseg_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/unetpp.py:cpu.',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'check_data'],
+                  'What to run.')
+flags.DEFINE_string('split', 'test', 'evaluate: train, val, test or all.')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
+                  'evaluate/predict: which checkpoint to load.')
+flags.DEFINE_integer('step', None, 'evaluate/predict: load this step.')
+flags.DEFINE_string('input', None, 'predict: an image, a NIfTI file, a DICOM '
+                    'series folder, or a folder of those.')
+flags.DEFINE_string('output', None, 'predict: folder for the masks.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of JAX processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this JAX process.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _initialize_distributed() -> None:
@@ -48,6 +66,58 @@ def _enable_compilation_cache() -> None:
         os.path.expanduser('~'), '.cache', 'medseg_jax', 'xla'))
 
 
+def _require(*names: str) -> None:
+  """Raises a usage error naming the flags this mode needs and lacks."""
+  missing = [f'--{n}' for n in names if FLAGS[n].value is None]
+  if missing:
+    raise app.UsageError(f'--mode={FLAGS.mode} needs {", ".join(missing)}.')
+
+
+def _config():
+  """Returns --config, or for evaluate/predict the run's config.json."""
+  if FLAGS.config is not None:
+    if FLAGS.mode in ('evaluate', 'predict'):
+      workdir_lib.check_same_model(FLAGS.workdir, FLAGS.config)
+    return FLAGS.config
+  return workdir_lib.load_config(FLAGS.workdir)
+
+
+def _train() -> None:
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    workdir = os.path.abspath(FLAGS.workdir)
+    print(f'Done. Validation Dice {result["dice"]:.4f} (best '
+          f'{result["best_dice"]:.4f}), IoU {result["iou"]:.4f}, '
+          f'sensitivity {result["sensitivity"]:.4f}, specificity '
+          f'{result["specificity"]:.4f}.\nResults in {workdir}: '
+          'config.json, metrics.jsonl, checkpoints/{latest,best}/.\n'
+          f'Next: python -m medseg_jax.main --mode=evaluate --workdir={workdir}')
+
+
+def _run_mode() -> None:
+  """Dispatches on --mode (imports are per mode: each pulls in only its own)."""
+  if FLAGS.mode == 'train':
+    _require('config', 'workdir')
+    _train()
+  elif FLAGS.mode == 'check_data':
+    _require('config')
+    from medseg_jax.data import check  # pylint: disable=import-outside-toplevel
+    print(check.check_dataset_report(FLAGS.config.data))
+  elif FLAGS.mode == 'evaluate':
+    _require('workdir')
+    from medseg_jax import evaluate  # pylint: disable=import-outside-toplevel
+    evaluate.evaluate_run(_config(), FLAGS.workdir, split=FLAGS.split,
+                          which=FLAGS.checkpoint, step=FLAGS.step)
+  elif FLAGS.mode == 'predict':
+    _require('workdir', 'input', 'output')
+    from medseg_jax import predict  # pylint: disable=import-outside-toplevel
+    failures = predict.predict_paths(_config(), FLAGS.workdir, FLAGS.input,
+                                     FLAGS.output, which=FLAGS.checkpoint,
+                                     step=FLAGS.step)
+    if failures:
+      sys.exit(1)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -60,18 +130,12 @@ def main(argv) -> None:
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
                jax.process_count(), jax.devices())
   try:
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, PermissionError, train.NonFiniteLossError) as e:
+    _run_mode()
+  except (ValueError, PermissionError, FileNotFoundError,
+          train.NonFiniteLossError) as e:
     # Errors about the user's input: one clear message, no traceback wall.
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  if jax.process_index() == 0:
-    workdir = os.path.abspath(FLAGS.workdir)
-    print(f'Done. Validation Dice {result["dice"]:.4f} (best '
-          f'{result["best_dice"]:.4f}), IoU {result["iou"]:.4f}, '
-          f'sensitivity {result["sensitivity"]:.4f}, specificity '
-          f'{result["specificity"]:.4f}.\nResults in {workdir}: '
-          'config.json, metrics.jsonl, checkpoints/{latest,best}/.')
 
 
 if __name__ == '__main__':

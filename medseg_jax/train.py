@@ -18,6 +18,7 @@ from medseg_jax import parallel
 from medseg_jax import state as state_lib
 from medseg_jax import steps
 from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import check
 from medseg_jax.data import pipeline
 
 
@@ -26,7 +27,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def spatial_shape(data_cfg) -> tuple[int, ...]:
-  """Returns the spatial input shape from `config.data.image_size`."""
+  """Returns the spatial shape of a training example (the model's input).
+
+  The training patch when `config.data.patch_size` is set; else the volume
+  size of `synthetic3d`; else `config.data.image_size` (an int is square).
+  """
+  patch = tuple(data_cfg.get('patch_size', ()) or ())
+  if patch:
+    return patch
+  if data_cfg.source == 'synthetic3d':
+    return tuple(data_cfg.synthetic3d.volume_size)
   size = data_cfg.image_size
   return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
@@ -40,7 +50,7 @@ def training_schedule(config, num_train: int) -> dict[str, int]:
   """
   batch = config.train.batch_size
   if num_train < batch:
-    raise ValueError(f'The train split has {num_train} images, fewer than '
+    raise ValueError(f'The train split has {num_train} cases, fewer than '
                      f'config.train.batch_size={batch}.')
   per_epoch = num_train // batch
   total = (config.train.num_steps if config.train.num_steps > 0 else
@@ -158,7 +168,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel.check_batch_size(config.eval.batch_size, mesh,
                             'config.eval.batch_size')
 
-  # Input.
+  # Input: every problem of a file data set is listed before anything runs.
+  if config.data.get('check', True):
+    check.assert_dataset_ok(config.data)
   data = pipeline.build_splits(config.data)
   sched = training_schedule(config, data.size('train'))
   total_steps = sched['total_steps']
@@ -214,7 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f'({sched["steps_per_epoch"]} per epoch) on {mesh.devices.size} '
           f'{jax.devices()[0].platform.upper()} device(s); '
           f'{data.size("train")}/{data.size("val")}/{data.size("test")} '
-          'train/val/test images.')
+          'train/val/test cases.')
   bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step',
                   disable=not (is_main and config.train.progress_bar),
                   dynamic_ncols=True)

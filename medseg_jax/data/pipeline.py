@@ -18,6 +18,8 @@ from absl import flags
 import grain
 import numpy as np
 
+from medseg_jax.data import intensity
+from medseg_jax.data import patches
 from medseg_jax.data import splits as splits_lib
 from medseg_jax.data import sources
 from medseg_jax.data import transforms as transforms_lib
@@ -34,13 +36,70 @@ class DataSplits:
     return len(self.indices[split])
 
 
+def official_split_indices(source, data_cfg) -> dict[str, np.ndarray]:
+  """Returns the data set's own train/val/test records (ISIC folders, manifest).
+
+  Raises:
+    ValueError: the source has no official splits, a record has none, or a
+      patient has records in two splits.
+  """
+  names = list(getattr(source, 'official_splits', None) or [])
+  where = 'config.data.official_splits=True'
+  if not names or not any(names):
+    raise ValueError(f'{where}, but config.data.source={data_cfg.source!r} '
+                     'has no official splits (ISIC validation/test folders, '
+                     "or a 'split' column in the manifest).")
+  missing = [c for c, n in zip(source.case_ids, names) if not n]
+  if missing:
+    raise ValueError(f'{where}, but {len(missing)} record(s) have no split, '
+                     f'e.g. {missing[:3]}; fill the manifest\'s split column.')
+  seen = {}
+  for patient, split in zip(source.patient_ids, names):
+    if seen.setdefault(patient, split) != split:
+      raise ValueError(f'{where}: patient {patient!r} has records in the '
+                       f'{seen[patient]!r} and {split!r} splits.')
+  names = np.asarray(names)
+  return {s: np.flatnonzero(names == s) for s in splits_lib.SPLITS}
+
+
 def build_splits(data_cfg) -> DataSplits:
-  """Builds the source named by `data_cfg` and splits it by patient."""
+  """Builds the source named by `data_cfg` and splits it by patient.
+
+  The split is `splits.split_for_config` (seeded, by patient, with k-fold and
+  train fractions), or the data set's own when `data_cfg.official_splits`.
+  """
   source = sources.build_source(data_cfg)
   if len(source) == 0:
     raise ValueError(f'config.data.source={data_cfg.source!r} has no records.')
-  indices = splits_lib.split_for_config(source.patient_ids, data_cfg)
+  if data_cfg.get('official_splits', False):
+    indices = official_split_indices(source, data_cfg)
+  else:
+    indices = splits_lib.split_for_config(source.patient_ids, data_cfg)
   return DataSplits(source=source, indices=indices)
+
+
+def train_transforms(data_cfg) -> list:
+  """Returns the training transforms of `config.data`, in order.
+
+  Patch sampling (3D/2D patches with foreground oversampling, when
+  `patch_size` is set), then geometric and colour augmentation, then
+  intensity/elastic augmentation (nnU-Net's order), then `Normalize`.
+  """
+  base = transforms_lib.build_train_transforms(data_cfg.augment,
+                                               data_cfg.mean, data_cfg.std)
+  return (patches.build_patch_transforms(data_cfg, training=True) + base[:-1]
+          + intensity.build_intensity_transforms(data_cfg.augment) + base[-1:])
+
+
+def eval_transforms(data_cfg) -> list:
+  """Returns the transforms of evaluation during training.
+
+  With `patch_size` set, one patch centred on the case's foreground (the
+  "pseudo Dice" nnU-Net reports while training); `--mode=evaluate` predicts
+  whole cases by sliding windows instead.
+  """
+  return (patches.build_patch_transforms(data_cfg, training=False) +
+          transforms_lib.build_eval_transforms(data_cfg.mean, data_cfg.std))
 
 
 class _EpochShuffledOrder:
@@ -142,8 +201,7 @@ def train_dataset(data: DataSplits, data_cfg, *, global_batch: int,
   """
   local_batch = _local_batch_size(global_batch, process_count,
                                   'config.train.batch_size')
-  ops = transforms_lib.build_train_transforms(
-      data_cfg.augment, data_cfg.mean, data_cfg.std)
+  ops = train_transforms(data_cfg)
   order = _EpochShuffledOrder(data.indices['train'], seed)
   dataset = (
       grain.MapDataset.range(num_steps * local_batch)
@@ -193,7 +251,7 @@ def eval_dataset(data: DataSplits, data_cfg, split: str, *, global_batch: int,
   if not len(indices):
     raise ValueError(f'The {split!r} split is empty.')
   num_steps = -(-len(indices) // global_batch)
-  ops = transforms_lib.build_eval_transforms(data_cfg.mean, data_cfg.std)
+  ops = eval_transforms(data_cfg)
   dataset = (
       grain.MapDataset.range(num_steps * local_batch)
       .map(_PaddedEvalSlots(len(indices), global_batch, local_batch,

@@ -1,14 +1,58 @@
 """Random-access data sources, selected by `config.data.source`.
 
 A source is a Grain random-access data source (`__len__`, `__getitem__`) whose
-records are dicts with `image` (uint8 `[*spatial, C]`), `mask` (uint8
-`[*spatial]`, class indices), `patient_id` and `case_id`, plus a cheap
-`patient_ids` list (one per record) used to split by patient without decoding.
+records are dicts with `image` (`[*spatial, C]`: uint8 photographs, float32
+z-scored volumes), `mask` (uint8 `[*spatial]`, class indices), `spacing`,
+`patient_id` and `case_id`, plus cheap `patient_ids` and `case_ids` lists (one
+per record) used to split by patient without decoding.
+
+  synthetic    procedural dermoscopy-like lesions (2D, binary, RGB)
+  synthetic3d  procedural BraTS-like volumes (3D, up to 4 channels/classes)
+  isic2018     the ISIC 2018 Task 1 folders as unzipped
+  folder       image + mask folders paired by name, or a CSV manifest
+  nifti        MSD / nnU-Net NIfTI data sets, as volumes or 2D slices
 """
 
+from medseg_jax.data import folder_sources
 from medseg_jax.data import synthetic
+from medseg_jax.data import synthetic3d
+from medseg_jax.data import volume_sources
 
-KNOWN_SOURCES = ('synthetic',)
+KNOWN_SOURCES = ('synthetic', 'synthetic3d', 'isic2018', 'folder', 'nifti')
+
+
+def _synthetic_source(data_cfg):
+  if data_cfg.num_classes != 1 or data_cfg.in_channels != 3:
+    raise ValueError(
+        "config.data.source='synthetic' makes binary RGB lesions: it needs "
+        f'config.data.num_classes=1 (got {data_cfg.num_classes}) and '
+        f'config.data.in_channels=3 (got {data_cfg.in_channels}).')
+  return synthetic.SyntheticLesions(
+      num_patients=data_cfg.synthetic.num_patients,
+      images_per_patient=data_cfg.synthetic.images_per_patient,
+      image_size=data_cfg.image_size,
+      seed=data_cfg.synthetic.get('seed', 0))
+
+
+def _nifti_source(data_cfg):
+  source = volume_sources.build_nifti_source(data_cfg)
+  if (data_cfg.get('volume_mode', '3d') == '3d' and
+      not tuple(data_cfg.get('patch_size', ()) or ())):
+    raise ValueError(
+        "config.data.source='nifti' with volume_mode='3d' trains on patches: "
+        'set config.data.patch_size=(D, H, W), e.g. (64, 96, 96) or '
+        "configs/unet3d.py's value (volumes differ in size and cannot be "
+        "batched whole), or use volume_mode='2d'.")
+  return source
+
+
+_BUILDERS = {
+    'synthetic': _synthetic_source,
+    'synthetic3d': synthetic3d.build_synthetic3d_source,
+    'isic2018': folder_sources.build_2d_source,
+    'folder': folder_sources.build_2d_source,
+    'nifti': _nifti_source,
+}
 
 
 def build_source(data_cfg):
@@ -18,21 +62,20 @@ def build_source(data_cfg):
     data_cfg: the `config.data` section.
 
   Returns:
-    A random-access source with a `patient_ids` attribute.
+    A random-access source with `patient_ids` and `case_ids` attributes.
 
   Raises:
-    ValueError: unknown source name, or options the source cannot honour.
+    ValueError: unknown source name, options the source cannot honour, or
+      (file sources) the problems found while listing the data folder.
   """
-  if data_cfg.source == 'synthetic':
-    if data_cfg.num_classes != 1 or data_cfg.in_channels != 3:
-      raise ValueError(
-          "config.data.source='synthetic' makes binary RGB lesions: it needs "
-          f'config.data.num_classes=1 (got {data_cfg.num_classes}) and '
-          f'config.data.in_channels=3 (got {data_cfg.in_channels}).')
-    return synthetic.SyntheticLesions(
-        num_patients=data_cfg.synthetic.num_patients,
-        images_per_patient=data_cfg.synthetic.images_per_patient,
-        image_size=data_cfg.image_size,
-        seed=data_cfg.synthetic.get('seed', 0))
-  raise ValueError(f'Unknown config.data.source={data_cfg.source!r}; known '
-                   f'sources: {", ".join(KNOWN_SOURCES)}.')
+  builder = _BUILDERS.get(data_cfg.source)
+  if builder is None:
+    raise ValueError(f'Unknown config.data.source={data_cfg.source!r}; known '
+                     f'sources: {", ".join(KNOWN_SOURCES)}.')
+  return builder(data_cfg)
+
+
+def is_volume_source(data_cfg) -> bool:
+  """Returns whether the source's records are 3D volumes (not 2D images)."""
+  return data_cfg.source == 'synthetic3d' or (
+      data_cfg.source == 'nifti' and data_cfg.get('volume_mode', '3d') == '3d')

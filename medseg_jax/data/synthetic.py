@@ -369,6 +369,12 @@ class SyntheticLesions:
     return [self._patient_id(i // self.images_per_patient)
             for i in range(len(self))]
 
+  @property
+  def case_ids(self) -> list[str]:
+    """The case id of every record, '<patient id>-<image index>'."""
+    return [f'{self._patient_id(i // self.images_per_patient)}-'
+            f'{i % self.images_per_patient:02d}' for i in range(len(self))]
+
   def __getitem__(self, index: int) -> dict:
     """Returns record `index` (negative indices count from the end)."""
     n = len(self)
