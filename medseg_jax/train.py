@@ -158,6 +158,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Workdir: fail before writing anything if we cannot use it.
   workdir_lib.check_writable(workdir)
+  # Every problem of a file data set is listed before anything is created.
+  if config.data.get('check', True):
+    check.assert_dataset_ok(config.data)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.train.max_checkpoints)
   workdir_lib.check_resumable(workdir, config, ckpt.latest_step() is not None)
 
@@ -168,9 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel.check_batch_size(config.eval.batch_size, mesh,
                             'config.eval.batch_size')
 
-  # Input: every problem of a file data set is listed before anything runs.
-  if config.data.get('check', True):
-    check.assert_dataset_ok(config.data)
+  # Input.
   data = pipeline.build_splits(config.data)
   sched = training_schedule(config, data.size('train'))
   total_steps = sched['total_steps']

@@ -82,11 +82,15 @@ def train_transforms(data_cfg) -> list:
   """Returns the training transforms of `config.data`, in order.
 
   Patch sampling (3D/2D patches with foreground oversampling, when
-  `patch_size` is set), then geometric and colour augmentation, then
+  `patch_size` is set), then geometric and (photographs only) colour
+  augmentation, then
   intensity/elastic augmentation (nnU-Net's order), then `Normalize`.
   """
   base = transforms_lib.build_train_transforms(data_cfg.augment,
                                                data_cfg.mean, data_cfg.std)
+  if data_cfg.source not in sources.PHOTO_SOURCES:
+    # Hue and saturation mean nothing for MRI/CT channels.
+    base = [op for op in base if not isinstance(op, transforms_lib.ColorJitter)]
   return (patches.build_patch_transforms(data_cfg, training=True) + base[:-1]
           + intensity.build_intensity_transforms(data_cfg.augment) + base[-1:])
 

@@ -19,6 +19,7 @@ from medseg_jax.data import synthetic3d
 from medseg_jax.data import volume_sources
 
 KNOWN_SOURCES = ('synthetic', 'synthetic3d', 'isic2018', 'folder', 'nifti')
+PHOTO_SOURCES = ('synthetic', 'isic2018', 'folder')  # RGB/gray photographs.
 
 
 def _synthetic_source(data_cfg):
@@ -35,14 +36,31 @@ def _synthetic_source(data_cfg):
 
 
 def _nifti_source(data_cfg):
+  """Returns the NIfTI source; checks the model input size can be known.
+
+  The model's input shape comes from the config alone (`patch_size`, else
+  `image_size`), so whole 2D slices must have the size `image_size` says.
+  """
   source = volume_sources.build_nifti_source(data_cfg)
-  if (data_cfg.get('volume_mode', '3d') == '3d' and
-      not tuple(data_cfg.get('patch_size', ()) or ())):
+  if tuple(data_cfg.get('patch_size', ()) or ()):
+    return source
+  if data_cfg.get('volume_mode', '3d') == '3d':
     raise ValueError(
         "config.data.source='nifti' with volume_mode='3d' trains on patches: "
         'set config.data.patch_size=(D, H, W), e.g. (64, 96, 96) or '
         "configs/unet3d.py's value (volumes differ in size and cannot be "
         "batched whole), or use volume_mode='2d'.")
+  slice_hw = tuple(source.volumes.shapes()[0][1:]) if len(source) else ()
+  size = data_cfg.image_size
+  size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+  if slice_hw and slice_hw != size:
+    square = (f'config.data.image_size={slice_hw[0]}, or '
+              if slice_hw[0] == slice_hw[1] else '')
+    raise ValueError(
+        f'volume_mode=2d: the slices are {slice_hw[0]}x{slice_hw[1]} (HxW) but '
+        f'config.data.image_size={data_cfg.image_size}; set {square}'
+        f'config.data.patch_size=({slice_hw[0]}, {slice_hw[1]}) (or smaller, '
+        'to train on random 2D patches).')
   return source
 
 

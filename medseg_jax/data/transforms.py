@@ -214,8 +214,9 @@ class ColorJitter(grain.transforms.RandomMap):
   into one 3x3 matrix and offset (hue is a rotation about the grey axis in
   YIQ, close to an HSV hue shift). Saturation and hue need 3 channels and are
   skipped otherwise (e.g. MRI modalities are not colours). uint8 images stay
-  uint8 (rounded, clipped to [0, 255]); float images are taken to be in
-  [0, 1] and clipped there.
+  uint8 (rounded, clipped to [0, 255]); float images in [0, 1] are clipped
+  there, other float images (z-scored volumes or slices, with negative
+  values) are not clipped: clipping them to [0, 1] would erase most of them.
 
   Attributes:
     prob: probability of jittering an element.
@@ -250,6 +251,7 @@ class ColorJitter(grain.transforms.RandomMap):
     channels = image.shape[-1]
     top = 255.0 if image.dtype == np.uint8 else 1.0
     flat = image.reshape(-1, channels).astype(np.float32)
+    clip = image.dtype == np.uint8 or (flat.min() >= 0 and flat.max() <= 1)
     mean = _channel_means(flat)
     if channels == 3:
       grey = float(mean @ _LUMA) * b
@@ -263,7 +265,8 @@ class ColorJitter(grain.transforms.RandomMap):
     offset = color @ np.full(channels, (1 - c) * grey)
     jittered = blas.single_thread_matmul(flat, matrix.T.astype(np.float32))
     jittered = _add_per_channel(jittered.reshape(image.shape), offset)
-    np.clip(jittered, 0.0, top, out=jittered)
+    if clip:
+      np.clip(jittered, 0.0, top, out=jittered)
     if image.dtype == np.uint8:
       jittered = np.rint(jittered, out=jittered)
     out = dict(element)
