@@ -209,3 +209,36 @@ def test_two_images_with_one_stem(tmp_path):
   problems = check.check_dataset(data_cfg(root))
   assert [(os.path.basename(p.path), p.reason) for p in problems] == [
       ('a.jpg', "several files for 'a': a.jpg, a.png; keep one.")]
+
+
+def test_passed_check_is_remembered_until_a_file_changes(tmp_path,
+                                                         monkeypatch):
+  root = make_broken_folder(str(tmp_path / 'data'))
+  for name in ('images/nomask.png', 'masks/orphan_mask.png',
+               'masks/size_mask.png', 'images/values.png',
+               'masks/values_mask.png', 'images/corrupt.jpg',
+               'masks/corrupt_mask.png', 'images/size.png'):
+    os.remove(os.path.join(root, name))
+  cfg = data_cfg(root, cache_dir=str(tmp_path / 'cache'))
+  calls = []
+  real = check.check_dataset
+  monkeypatch.setattr(check, 'check_dataset',
+                      lambda c: calls.append(1) or real(c))
+  before = snapshot(root)
+  check.assert_dataset_ok(cfg)
+  check.assert_dataset_ok(cfg)
+  assert len(calls) == 1  # The second call found the marker of the first.
+  assert os.path.exists(check.passed_marker(cfg))
+  assert snapshot(root) == before  # The marker is not in the data folder.
+  # Another config, or a file rewritten with a problem: checked again.
+  check.assert_dataset_ok(data_cfg(root, cache_dir=cfg.cache_dir,
+                                   image_size=24))
+  assert len(calls) == 2
+  save(lesion_mask(20, 30, value=7), os.path.join(root, 'masks', 'ok_mask.png'))
+  os.utime(os.path.join(root, 'masks', 'ok_mask.png'), ns=(1, 1))
+  with pytest.raises(check.DataCheckError, match=r'\[0, 7\]'):
+    check.assert_dataset_ok(cfg)
+  assert len(calls) == 3
+  with pytest.raises(check.DataCheckError):  # A failure is not remembered.
+    check.assert_dataset_ok(cfg)
+  assert len(calls) == 4

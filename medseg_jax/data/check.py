@@ -6,7 +6,13 @@ missing masks (and masks without an image), a mask whose size differs from
 its image, mask values outside the label set, unreadable or corrupt files,
 channel counts that do not match `config.data.in_channels`, an empty data
 set, and a split left empty by too few patients. It only reads: nothing is
-written anywhere, least of all in the data folder, and nothing is cached.
+written anywhere, least of all in the data folder.
+
+Before training, `assert_dataset_ok` skips the check of a data set that
+passed it before with the same files (paths, sizes, mtimes) and the same
+`config.data`: a marker file under `~/.cache/medseg_jax/checks` (or
+`config.data.cache_dir`/checks) records each pass, so a resumed run or a new
+run on the same BraTS-sized data does not decode every case again.
 
 Run on its own: `python -m medseg_jax.main --mode=check_data --config=...`.
 Sources are dispatched through `CHECKS` (source name -> function of
@@ -16,7 +22,10 @@ Sources are dispatched through `CHECKS` (source name -> function of
 from collections.abc import Sequence
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -263,11 +272,65 @@ def check_dataset_report(data_cfg) -> str:
   return format_problems(check_dataset(data_cfg), data_cfg.get('root', ''))
 
 
-def assert_dataset_ok(data_cfg) -> None:
+def _file_stats(root: str) -> list:
+  """Returns sorted (path, size, mtime_ns) of every file under `root`."""
+  stats = []
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      try:
+        st = os.stat(path)
+      except OSError:
+        continue  # Vanished or unreadable: the check itself reports it.
+      stats.append((path, st.st_size, st.st_mtime_ns))
+  return sorted(stats)
+
+
+def passed_marker(data_cfg) -> str | None:
+  """Returns the marker file of a passed check of this data set, or None.
+
+  None for generated data (no root). The name hashes `config.data` and the
+  stats of every file under the root, so any change checks again.
+  """
+  root = data_cfg.get('root', '')
+  if not root or not os.path.isdir(root):
+    return None
+  cfg = data_cfg.to_dict() if hasattr(data_cfg, 'to_dict') else dict(data_cfg)
+  blob = json.dumps([os.path.abspath(root), cfg, _file_stats(root)],
+                    sort_keys=True, default=str)
+  cache = data_cfg.get('cache_dir', '') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'medseg_jax')
+  return os.path.join(cache, 'checks',
+                      hashlib.sha1(blob.encode()).hexdigest() + '.ok')
+
+
+def _write_marker(path: str) -> None:
+  """Creates the marker atomically; a cache that cannot be written is skipped."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(path),
+                                     delete=False) as f:
+      f.write('passed\n')
+    os.replace(f.name, path)
+  except OSError:
+    pass
+
+
+def assert_dataset_ok(data_cfg, use_cache: bool = True) -> None:
   """Raises DataCheckError listing every problem, if there is any.
 
-  Call before training: on a file data set it decodes every file once.
+  Call before training: on a file data set it decodes every file once, unless
+  the same files passed with the same config before (`passed_marker`).
+
+  Args:
+    data_cfg: config.data.
+    use_cache: skip a check that passed before, and record a pass.
   """
+  marker = passed_marker(data_cfg) if use_cache else None
+  if marker and os.path.exists(marker):
+    return
   problems = check_dataset(data_cfg)
   if problems:
     raise DataCheckError(problems, data_cfg.get('root', ''))
+  if marker:
+    _write_marker(marker)
