@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.data.in_channels = 3
   config.data.class_names = ()  # Names of classes 1..K-1 for reports.
   config.data.synthetic = ml_collections.ConfigDict(
-      dict(num_patients=400, images_per_patient=5))
+      dict(num_patients=400, images_per_patient=5, seed=0))
   # Procedural BraTS-like volumes (`source='synthetic3d'`).
   config.data.synthetic3d = ml_collections.ConfigDict(dict(
       num_patients=24, volume_size=(32, 64, 64), in_channels=4, seed=0))

@@ -11,6 +11,7 @@ complete, so a run killed mid-save never leaves a partial latest checkpoint.
 import os
 from typing import Any
 
+from absl import logging
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -126,8 +127,17 @@ def load_state_arrays(workdir: str, which: str = 'latest', step=None):
     step = max(steps)
   path = os.path.join(directory, str(step), 'state')
   checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return jax.device_get(checkpointer.restore(path, target)), step
+  # The step's metadata file is one level up (the manager wrote it): Orbax
+  # warns that the item has none, which is expected here and only noise.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    tree = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        tree)
+    state = jax.device_get(checkpointer.restore(path, target))
+  finally:
+    logging.set_verbosity(verbosity)
+  return state, step

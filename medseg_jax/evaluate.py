@@ -15,11 +15,16 @@ window when the run trained on patches; flip TTA and post-processing as
   training.png       training loss and validation Dice from metrics.jsonl
   reliability.png    reliability diagram
 
-Runs in one process on the first local device. Passing `--config` with other
-data settings (e.g. `--config.data.root=/other/site`) evaluates on an external
-data set, as long as the model part of the config is the run's.
+Runs in one process on the first local device. Other data settings (e.g.
+`--config.data.root=/other/site`, with or without `--config`) evaluate on an
+external data set, as long as the model part of the config is the run's; its
+files go to `WORKDIR/eval/external-<hash of the data settings>/<split>/`, so
+they never replace the run's own reports. summary.json records the data and
+eval settings used.
 """
 
+import hashlib
+import json
 import os
 
 import jax
@@ -36,6 +41,7 @@ from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import pipeline
 from medseg_jax.data import splits as splits_lib
 from medseg_jax.data import transforms as transforms_lib
+from medseg_jax.data import volume_sources
 from medseg_jax.models import registry
 
 
@@ -60,6 +66,35 @@ def _check_variables_match(variables, abstract, workdir: str) -> None:
         'trained with (leave --config out to use its config.json).')
 
 
+def _saved_steps(workdir: str, which: str) -> list[int]:
+  directory = os.path.join(workdir, 'checkpoints', which)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def checkpoint_kind(workdir: str, which: str, step) -> str:
+  """Returns 'best' or 'latest': `which`, or the kind that holds `step`.
+
+  `--step=N` loads step N from the best checkpoints when it is there, else
+  from the latest ones (the best directory keeps only one step).
+
+  Raises:
+    FileNotFoundError: no checkpoint of that step; lists the saved steps.
+  """
+  if step is None:
+    return which
+  kinds = (which, 'latest' if which == 'best' else 'best')
+  for kind in kinds:
+    if int(step) in _saved_steps(workdir, kind):
+      return kind
+  saved = '; '.join(f'{k}: {_saved_steps(workdir, k) or "none"}'
+                    for k in kinds)
+  raise FileNotFoundError(
+      f'No checkpoint of step {step} in '
+      f'{os.path.join(workdir, "checkpoints")} (saved steps, {saved}). Pass '
+      'one of those to --step, or leave --step out.')
+
+
 def load_model(config, workdir: str, which: str = 'best', step=None):
   """Returns (model, variables, step) of a trained run, on one device.
 
@@ -67,9 +102,11 @@ def load_model(config, workdir: str, which: str = 'best', step=None):
     config: the run's config (model and data sections are used).
     workdir: the run's workdir.
     which: 'best' or 'latest'.
-    step: a step to load; the newest of `which` when None.
+    step: a step to load (from `which`, else from the other kind); the
+      newest of `which` when None.
   """
   model = models.create_model(config.model, config.data.num_classes)
+  which = checkpoint_kind(workdir, which, step)
   state, step = checkpoint_lib.load_state_arrays(workdir, which, step)
   variables = {'params': state['params']}
   if state.get('batch_stats'):
@@ -80,12 +117,51 @@ def load_model(config, workdir: str, which: str = 'best', step=None):
   return model, variables, step
 
 
+def slice_context(config) -> int | None:
+  """Returns `slice_context` of a run trained on 2D slices of volumes, else None."""
+  data = config.data
+  if data.source == 'nifti' and data.get('volume_mode', '3d') == '2d':
+    return int(data.get('slice_context', 0))
+  return None
+
+
+def volume_channels(config) -> int:
+  """Returns the channels of the volumes the run takes (before slice context)."""
+  context = slice_context(config)
+  return config.data.in_channels // (2 * context + 1) if context is not None \
+      else config.data.in_channels
+
+
+def as_model_input(config, image: np.ndarray) -> np.ndarray:
+  """Returns the image a case predictor takes: for a run trained on slices,
+  every slice of the volume `[D, H, W, C]` with its context as channels."""
+  context = slice_context(config)
+  if context is None:
+    return image
+  return volume_sources.stack_slice_context(image, context)
+
+
+def volume_cases(data: pipeline.DataSplits) -> pipeline.DataSplits:
+  """Returns the volumes of a data set of 2D slices, split as their slices.
+
+  A run trained on slices is evaluated per volume (the slices predicted and
+  restacked), as nnU-Net's 2D configuration is.
+  """
+  slices = data.source
+  indices = {split: np.array(sorted({slices.locate(int(i))[0] for i in idx}),
+                             dtype=np.int64)
+             for split, idx in data.indices.items()}
+  return pipeline.DataSplits(source=slices.volumes, indices=indices)
+
+
 def make_case_predictor(config, model, variables):
   """Returns `predict(image [*spatial, C] float32) -> probabilities [*spatial, K]`.
 
   Whole-image prediction (padded to the model's divisor) for runs trained on
   whole images; sliding windows of the training patch otherwise. Flip TTA
-  when `config.eval.tta`.
+  when `config.eval.tta`. For a run trained on slices of volumes, `image` is
+  `as_model_input` of a volume, `[D, H, W, C']`: each slice is predicted
+  and the probabilities restacked to `[D, H, W, K]`.
   """
   eval_cfg = config.eval
   predict_fn = inference.make_predict_fn(model, variables)
@@ -102,7 +178,12 @@ def make_case_predictor(config, model, variables):
     return inference.predict_whole(predict_fn, image, divisor)
 
   if eval_cfg.get('tta', False):
-    return lambda image: inference.tta_flips(predict, image)
+    predict_2d_or_3d = predict
+    predict = lambda image: inference.tta_flips(predict_2d_or_3d, image)
+  if slice_context(config) is not None:
+    per_slice = predict
+    return lambda volume: np.stack(
+        [np.asarray(per_slice(s), np.float32) for s in volume])
   return predict
 
 
@@ -120,8 +201,8 @@ def postprocess_labels(labels: np.ndarray, eval_cfg) -> np.ndarray:
   return labels
 
 
-def _normalizer(config):
-  """Returns the eval transforms of training (image scaling, mask -> label)."""
+def normalizer(config):
+  """Returns `record -> record` applying the eval transforms of training."""
   ops = transforms_lib.build_eval_transforms(config.data.mean, config.data.std)
   return lambda record: _apply(ops, record)
 
@@ -135,11 +216,12 @@ def _apply(ops, record: dict) -> dict:
 def predict_split(config, model, variables, data, split: str):
   """Yields (record, probabilities, labels) for every case of `split`."""
   predict = make_case_predictor(config, model, variables)
-  normalize = _normalizer(config)
+  normalize = normalizer(config)
   threshold = config.eval.threshold
   for index in data.indices[split]:
     record = dict(data.source[int(index)])
-    image = normalize({'image': record['image']})['image']
+    image = normalize({'image': as_model_input(config,
+                                               record['image'])})['image']
     probs = np.asarray(predict(image), np.float32)
     labels = inference.labels_from_probabilities(probs, threshold)
     yield record, probs, postprocess_labels(np.asarray(labels), config.eval)
@@ -150,10 +232,34 @@ def _class_names(config, num_classes: int):
   return tuple(names) if names else None
 
 
+# Data settings that change how cases are loaded, not which cases they are.
+_DATA_LOADING_KEYS = ('augment', 'cache', 'cache_dir', 'check', 'worker_count',
+                      'prefetch_buffer_size')
+
+
+def _case_defining_data(data_dict: dict) -> dict:
+  return {k: v for k, v in data_dict.items() if k not in _DATA_LOADING_KEYS}
+
+
+def eval_root(config, workdir: str) -> str:
+  """Returns WORKDIR/eval, or WORKDIR/eval/external-<hash> for other data.
+
+  The data set is the run's when `config.data` equals the data section of
+  the run's config.json, up to loading settings (cache, workers, checks).
+  """
+  saved = workdir_lib.saved_config_dict(workdir).get('data', {})
+  current = workdir_lib.config_as_json_dict(config)['data']
+  root = os.path.join(workdir, 'eval')
+  if _case_defining_data(saved) == _case_defining_data(current):
+    return root
+  text = json.dumps(_case_defining_data(current), sort_keys=True)
+  return os.path.join(root, 'external-' +
+                      hashlib.sha1(text.encode()).hexdigest()[:8])
+
+
 def evaluate_split(config, workdir: str, model, variables, data, split: str,
-                   step: int) -> dict:
-  """Evaluates one split and writes its files; returns the summary."""
-  out_dir = os.path.join(workdir, 'eval', split)
+                   step: int, out_dir: str) -> dict:
+  """Writes a split's reports and plots into `out_dir`; returns its summary."""
   os.makedirs(out_dir, exist_ok=True)
   num_classes = config.data.num_classes
   rows, calibration = [], report.CalibrationAccumulator()
@@ -166,8 +272,10 @@ def evaluate_split(config, workdir: str, model, variables, data, split: str,
     calibration.add(probs, record['mask'])
   summary = report.summarize(rows)
   summary['calibration'] = calibration.summary()
+  settings = workdir_lib.config_as_json_dict(config)
   summary.update(split=split, step=int(step), workdir=os.path.abspath(workdir),
-                 num_cases=len(data.indices[split]))
+                 num_cases=len(data.indices[split]),
+                 config={'data': settings['data'], 'eval': settings['eval']})
   report.write_case_csv(rows, os.path.join(out_dir, 'cases.csv'))
   report.write_summary(summary, os.path.join(out_dir, 'summary.json'),
                        os.path.join(out_dir, 'summary.md'),
@@ -217,13 +325,17 @@ def evaluate_run(config, workdir: str, split: str = 'test',
                        f'{", ".join(splits_lib.SPLITS)} or all.')
   model, variables, step = load_model(config, workdir, which, step)
   data = pipeline.build_splits(config.data)
+  if slice_context(config) is not None:
+    data = volume_cases(data)
+  root = eval_root(config, workdir)
   results = {}
   for name in wanted:
     if not data.size(name):
       print(f'The {name} split is empty; skipped.')
       continue
+    out_dir = os.path.join(root, name)
     results[name] = evaluate_split(config, workdir, model, variables, data,
-                                   name, step)
+                                   name, step, out_dir)
     print(report.summary_text(results[name]))
-    print(f'Written to {os.path.join(os.path.abspath(workdir), "eval", name)}')
+    print(f'Written to {os.path.abspath(out_dir)}')
   return results

@@ -1,4 +1,4 @@
-"""Entry point: `python -m medseg_jax.main --config=configs/unetpp.py --workdir=runs/x`.
+r"""Entry point: `python -m medseg_jax.main --config=configs/unetpp.py --workdir=runs/x`.
 
 Modes:
   train       (default) train, validate and checkpoint in --workdir; resumes.
@@ -8,11 +8,17 @@ Modes:
   check_data  check the data set of --config and list every problem found.
 
 Every config field can be overridden, e.g. `--config.optim.lr=3e-4`.
-evaluate and predict use the run's config.json when --config is left out;
-with --config (e.g. another data set for external validation) the model part
-must match the run's. For
-several processes (one per host, or several on one machine for testing) pass
---coordinator_address, --num_processes and --process_id, or let
+evaluate and predict use the run's config.json when --config is left out, and
+`--config.KEY=VALUE` flags then change it, e.g.
+
+  python -m medseg_jax.main --mode=predict --workdir=runs/x --input=in/ \
+      --output=out/ --config.eval.mc_samples=20 --config.eval.tta=True
+
+With --config (e.g. another data set for external validation) or overrides,
+the model part must stay the run's.
+
+For several processes (one per host, or several on one machine for testing)
+pass --coordinator_address, --num_processes and --process_id, or let
 `jax.distributed.initialize` find them on a cluster (SLURM, TPU pods).
 """
 
@@ -25,6 +31,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from medseg_jax import overrides as overrides_lib
 from medseg_jax import train
 from medseg_jax import workdir as workdir_lib
 
@@ -46,6 +53,52 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of JAX processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this JAX process.')
+
+# (key, text) of the `--config.KEY=VALUE` flags given without --config; they
+# change the run's config.json (evaluate/predict). Set by _parse_flags.
+_RUN_OVERRIDES: list[tuple[str, str | None]] = []
+
+
+def _unknown_key_error(argv, error) -> str:
+  """Explains an unknown `--config.KEY` (config_flags raises a KeyError)."""
+  path = next((a.split('=', 1)[1] for a in argv
+               if a.startswith(('--config=', '-config='))), None)
+  try:
+    parser = config_flags.config_flags.ConfigFileFlagParser('config')
+    config = parser.parse(path)
+    for key, _ in overrides_lib.split_overrides(argv)[1]:
+      overrides_lib.resolve_key(config, key)
+  except ValueError as e:
+    return str(e)
+  except Exception:  # pylint: disable=broad-except
+    pass  # The config file itself does not load: say what absl said.
+  return f'a --config.KEY flag names no config field ({error}).'
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, plus --config.* flags on the run's config.json."""
+  if not overrides_lib.has_config_flag(argv):
+    argv, overrides = overrides_lib.split_overrides(argv)
+    _RUN_OVERRIDES[:] = overrides
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # config_flags: no such field.
+    print(f'error: {_unknown_key_error(argv, e)}', file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:  # config_flags: the --config file does not load.
+    print(f'error: --config: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def _check_config_loads() -> None:
+  """Raises a clear error if the --config file did not load (config_flags
+  defers that error to the first use of the config)."""
+  if FLAGS.config is None:
+    return
+  try:
+    FLAGS.config.keys()
+  except OSError as e:
+    raise ValueError(f'--config={FLAGS["config"].config_filename}: {e}') from e
 
 
 def _initialize_distributed() -> None:
@@ -74,12 +127,18 @@ def _require(*names: str) -> None:
 
 
 def _config():
-  """Returns --config, or for evaluate/predict the run's config.json."""
+  """Returns --config, or the run's config.json with the --config.* flags.
+
+  evaluate/predict only; either way the model must be the run's.
+  """
   if FLAGS.config is not None:
-    if FLAGS.mode in ('evaluate', 'predict'):
-      workdir_lib.check_same_model(FLAGS.workdir, FLAGS.config)
+    workdir_lib.check_same_model(FLAGS.workdir, FLAGS.config)
     return FLAGS.config
-  return workdir_lib.load_config(FLAGS.workdir)
+  config = workdir_lib.load_config(FLAGS.workdir)
+  if _RUN_OVERRIDES:
+    overrides_lib.apply_overrides(config, _RUN_OVERRIDES)
+    workdir_lib.check_same_model(FLAGS.workdir, config)
+  return config
 
 
 def _train() -> None:
@@ -96,13 +155,22 @@ def _train() -> None:
 
 def _run_mode() -> None:
   """Dispatches on --mode (imports are per mode: each pulls in only its own)."""
+  _check_config_loads()
+  if _RUN_OVERRIDES and FLAGS.mode not in ('evaluate', 'predict'):
+    raise app.UsageError(
+        f'--config.{_RUN_OVERRIDES[0][0]} without --config: --mode='
+        f'{FLAGS.mode} needs --config (only evaluate and predict change the '
+        "run's config.json).")
   if FLAGS.mode == 'train':
     _require('config', 'workdir')
     _train()
   elif FLAGS.mode == 'check_data':
     _require('config')
     from medseg_jax.data import check  # pylint: disable=import-outside-toplevel
-    print(check.check_dataset_report(FLAGS.config.data))
+    problems = check.check_dataset(FLAGS.config.data)
+    print(check.format_problems(problems, FLAGS.config.data.get('root', '')))
+    if problems:
+      sys.exit(1)
   elif FLAGS.mode == 'evaluate':
     _require('workdir')
     from medseg_jax import evaluate  # pylint: disable=import-outside-toplevel
@@ -139,4 +207,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

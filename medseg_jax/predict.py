@@ -1,4 +1,4 @@
-"""`--mode=predict`: masks for new images and volumes, in their own geometry.
+r"""`--mode=predict`: masks for new images and volumes, in their own geometry.
 
     python -m medseg_jax.main --mode=predict --workdir=runs/x \
         --input=new_cases/ --output=predictions/
@@ -6,23 +6,32 @@
 Inputs: PNG/JPEG/TIFF images, NIfTI volumes (.nii, .nii.gz), DICOM series (a
 folder of .dcm files), or a folder of any of these. Outputs, per input:
 
-  images   <name>.png          the mask at the input's size (0/255 binary,
-                               0..K-1 multi-class)
+  images   <name>.png          the mask at the input's size (0/255 binary, or
+                               config.data.label_values; 0..K-1 multi-class)
   volumes  <name>.nii.gz       the mask with the input's shape, affine, header
   with config.eval.save_probabilities: <name>_prob.npy / _prob.nii.gz
-  with config.eval.mc_samples = N > 0 (MC dropout): <name>_mean, _std and
-  _entropy maps (.npy for images, .nii.gz for volumes)
+  with config.eval.mc_samples = N >= 2 (MC dropout): <name>_mean and _std
+  ([*spatial, K]), _entropy and _mutual_information ([*spatial]) maps (.npy
+  for images, .nii.gz for volumes)
+
+The eval settings of the run's config.json apply (TTA, post-processing,
+threshold); `--config.eval.*` flags change them for this call:
+
+    python -m medseg_jax.main --mode=predict --workdir=runs/x \
+        --input=new_cases/ --output=predictions/ \
+        --config.eval.mc_samples=20 --config.eval.save_probabilities=True
 
 Images are resized to the training size and the probabilities back to the
 input size; volumes go through the training preprocessing (intensity,
 resampling) and are predicted by sliding windows of the training patch, then
 resampled back. A file that fails is reported and the others still run; the
-failures are listed at the end. Nothing is written next to the inputs.
+failures are listed at the end and the exit code is 1. Entries of an input
+folder that are neither images nor volumes are listed as skipped. Nothing is
+written into the input folder.
 """
 
 import dataclasses
 import os
-import traceback
 
 import jax
 import numpy as np
@@ -67,6 +76,10 @@ def list_inputs(path: str) -> tuple[list[str], list[Failure]]:
 
   A file, a DICOM series folder, or a folder whose entries are images, NIfTI
   files or DICOM series folders.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+    ValueError: a folder with nothing to predict in it.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f'--input={path!r} does not exist.')
@@ -81,7 +94,31 @@ def list_inputs(path: str) -> tuple[list[str], list[Failure]]:
       inputs.append(full)
     else:
       skipped.append(Failure(full, 'not an image, NIfTI file or DICOM series'))
+  if not inputs:
+    kinds = ', '.join(image_io.IMAGE_EXTENSIONS)
+    raise ValueError(f'--input={path!r} holds no image ({kinds}), NIfTI file '
+                     '(.nii, .nii.gz) or DICOM series folder (.dcm files).')
   return inputs, skipped
+
+
+def check_output_dir(input_path: str, output_dir: str) -> None:
+  """Raises if predictions in `output_dir` would land among the inputs.
+
+  Refused: the input folder or a folder inside it (a folder input), the
+  folder holding the input (a file input: a mask named like its NIfTI input
+  would replace it).
+  """
+  source = os.path.realpath(input_path)
+  target = os.path.realpath(output_dir)
+  if os.path.isfile(source):
+    inside = target == os.path.dirname(source)
+  else:
+    inside = target == source or target.startswith(source + os.sep)
+  if inside:
+    raise ValueError(
+        f'--output={output_dir!r} is (inside) the folder of the inputs '
+        f'{input_path!r}; predictions are never written among the inputs. '
+        'Pass another --output folder.')
 
 
 def output_stem(path: str) -> str:
@@ -95,14 +132,37 @@ def output_stem(path: str) -> str:
 
 def _check_channels(image: np.ndarray, config, path: str) -> np.ndarray:
   """Returns the image with the model's channel count, or raises."""
-  want = config.data.in_channels
+  want = evaluate.volume_channels(config) if image.ndim == 4 else \
+      config.data.in_channels
   have = image.shape[-1]
   if have == want:
     return image
   if have == 1 and want == 3:  # Grayscale photograph for an RGB model.
     return np.repeat(image, 3, axis=-1)
-  raise ValueError(f'{path}: the image has {have} channel(s), the model was '
-                   f'trained on {want} (config.data.in_channels).')
+  context = evaluate.slice_context(config)
+  slices = (f' ({config.data.in_channels} = {want} x {2 * context + 1} '
+            'slices)') if context else ''
+  raise volume_io.FileError(
+      path, f'the image has {have} channel(s), the model was trained on '
+      f'{want}{slices} (config.data.in_channels).')
+
+
+def _check_spatial_dims(config, path: str, ndim: int) -> None:
+  """Raises if the model cannot take `ndim`-D inputs (a photo for a 3D model).
+
+  A run trained on slices of volumes predicts volumes, slice by slice.
+  """
+  spatial = evaluate.model_input_shape(config)[1:-1]
+  sliced = evaluate.slice_context(config) is not None
+  if (len(spatial) == ndim) != sliced:
+    return
+  what = 'a 2D image' if ndim == 2 else 'a volume'
+  hint = ('give it NIfTI files or DICOM series' if len(spatial) == 3 or sliced
+          else 'give it 2D images')
+  trained = 'slices of volumes' if sliced else f'inputs of {spatial}'
+  raise volume_io.FileError(
+      path, f'{what} cannot be predicted by this {len(spatial)}D model '
+      f'(trained on {trained}); {hint}.')
 
 
 def _resize(array: np.ndarray, shape, order: int) -> np.ndarray:
@@ -114,29 +174,65 @@ def _resize(array: np.ndarray, shape, order: int) -> np.ndarray:
   return out
 
 
+def check_mc_settings(config) -> None:
+  """Raises before any prediction if MC dropout is asked for but cannot work."""
+  samples = config.eval.get('mc_samples', 0)
+  if not samples:
+    return
+  if samples < 2:
+    raise ValueError(f'config.eval.mc_samples={samples}: MC dropout needs at '
+                     'least 2 samples (20 is common), or 0 for none.')
+  if not config.model.get('dropout_rate', 0.0) > 0:
+    raise ValueError(
+        f'config.eval.mc_samples={samples} needs a model trained with dropout, '
+        'but this run has config.model.dropout_rate='
+        f'{config.model.get("dropout_rate", 0.0)}. Set '
+        '--config.eval.mc_samples=0, or train with --config.model.dropout_rate'
+        '=0.1 (or more).')
+
+
 class Predictor:
   """A trained run's model with the inference settings of its config."""
 
   def __init__(self, config, workdir: str, which: str = 'best', step=None):
+    check_mc_settings(config)
     self.config = config
     self.model, self.variables, self.step = evaluate.load_model(
         config, workdir, which, step)
     self.predict_case = evaluate.make_case_predictor(config, self.model,
                                                      self.variables)
-    self._normalize = evaluate._normalizer(config)  # pylint: disable=protected-access
+    self._normalize = evaluate.normalizer(config)
+
+  def _model_input(self, image: np.ndarray) -> np.ndarray:
+    """The normalised model input of a raw image (slices for a slice run)."""
+    image = evaluate.as_model_input(self.config, image)
+    return self._normalize({'image': image})['image']
 
   def probabilities(self, image: np.ndarray) -> np.ndarray:
     """Returns the probabilities `[*spatial, K]` of a raw (unnormalised) image."""
-    image = self._normalize({'image': image})['image']
-    return np.asarray(self.predict_case(image), np.float32)
+    return np.asarray(self.predict_case(self._model_input(image)), np.float32)
+
+  def _mc_maps_of(self, image: np.ndarray, rng) -> dict[str, np.ndarray]:
+    eval_cfg = self.config.eval
+    patch = tuple(self.config.data.get('patch_size', ()) or ()) or None
+    maps = inference.mc_dropout_predict(
+        self.model, self.variables, image, num_samples=eval_cfg.mc_samples,
+        rng=rng, patch_size=patch, overlap=eval_cfg.get('overlap', 0.5),
+        blend=eval_cfg.get('blend', 'gaussian'),
+        batch_size=eval_cfg.get('sw_batch_size', 4))
+    return {k: np.asarray(v, np.float32) for k, v in maps.items()}
 
   def mc_maps(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns MC-dropout mean/std/entropy maps of a raw image."""
-    image = self._normalize({'image': image})['image']
-    maps = inference.mc_dropout_predict(
-        self.model, self.variables, image,
-        num_samples=self.config.eval.mc_samples, rng=jax.random.PRNGKey(0))
-    return {k: np.asarray(v, np.float32) for k, v in maps.items()}
+    """Returns MC-dropout mean/std/entropy/mutual-information maps of a raw
+    image, whole or by the sliding windows of `probabilities` (slice by
+    slice, restacked, for a run trained on slices of volumes)."""
+    image = self._model_input(image)
+    rng = jax.random.PRNGKey(0)
+    if evaluate.slice_context(self.config) is None:
+      return self._mc_maps_of(image, rng)
+    per_slice = [self._mc_maps_of(s, jax.random.fold_in(rng, z))
+                 for z, s in enumerate(image)]
+    return {k: np.stack([m[k] for m in per_slice]) for k in per_slice[0]}
 
   def labels(self, probs: np.ndarray) -> np.ndarray:
     """Returns the post-processed label map of probabilities `[*spatial, K]`."""
@@ -148,6 +244,7 @@ class Predictor:
 def predict_image(predictor: Predictor, path: str, out_dir: str) -> list[str]:
   """Predicts one 2D image file; returns the files written."""
   config = predictor.config
+  _check_spatial_dims(config, path, 2)
   raw = _check_channels(image_io.read_image(path), config, path)
   size = config.data.image_size
   size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -155,15 +252,19 @@ def predict_image(predictor: Predictor, path: str, out_dir: str) -> list[str]:
   probs = _resize(predictor.probabilities(resized), raw.shape[:2], order=1)
   stem = os.path.join(out_dir, output_stem(path))
   image_io.write_mask_png(stem + '.png', predictor.labels(probs),
-                          num_classes=config.data.num_classes)
+                          num_classes=config.data.num_classes,
+                          label_values=tuple(config.data.get('label_values',
+                                                             ()) or ()))
   written = [stem + '.png']
   if config.eval.save_probabilities:
     np.save(stem + '_prob.npy', probs)
     written.append(stem + '_prob.npy')
   if config.eval.mc_samples:
     for name, values in predictor.mc_maps(resized).items():
-      np.save(f'{stem}_{name}.npy', _resize(values[..., None] if values.ndim == 2
-                                            else values, raw.shape[:2], 1))
+      scalar = values.ndim == 2  # entropy, mutual_information: [H, W].
+      values = _resize(values[..., None] if scalar else values, raw.shape[:2],
+                       order=1)
+      np.save(f'{stem}_{name}.npy', values[..., 0] if scalar else values)
       written.append(f'{stem}_{name}.npy')
   return written
 
@@ -171,6 +272,7 @@ def predict_image(predictor: Predictor, path: str, out_dir: str) -> list[str]:
 def predict_volume(predictor: Predictor, path: str, out_dir: str) -> list[str]:
   """Predicts one NIfTI file or DICOM series; returns the files written."""
   config = predictor.config
+  _check_spatial_dims(config, path, 3)
   volume = volume_io.read_volume(path)
   array = volume.array if volume.array.ndim == 4 else volume.array[..., None]
   array = _check_channels(array.astype(np.float32), config, path)
@@ -187,12 +289,28 @@ def predict_volume(predictor: Predictor, path: str, out_dir: str) -> list[str]:
     written.append(stem + '_prob.nii.gz')
   if config.eval.mc_samples:
     for name, values in predictor.mc_maps(image).items():
+      scalar = values.ndim == 3  # entropy, mutual_information: [D, H, W].
       values = preprocess.resample_to_shape(
-          values if values.ndim == 4 else values[..., None], array.shape[:-1],
-          order=1)
-      volume_io.write_nifti_like(f'{stem}_{name}.nii.gz', values, volume)
+          values[..., None] if scalar else values, array.shape[:-1], order=1)
+      volume_io.write_nifti_like(f'{stem}_{name}.nii.gz',
+                                 values[..., 0] if scalar else values, volume)
       written.append(f'{stem}_{name}.nii.gz')
   return written
+
+
+def _predict_one(predictor: Predictor, path: str, out_dir: str) -> list[str]:
+  if _is_image(path):
+    return predict_image(predictor, path, out_dir)
+  return predict_volume(predictor, path, out_dir)
+
+
+def _reason(error: Exception, path: str) -> str:
+  """The message of an input's error (with its type when unexpected)."""
+  if isinstance(error, volume_io.FileError) and error.path == path:
+    return error.reason  # Listed after the path already.
+  if isinstance(error, (ValueError, OSError, EOFError)) and str(error):
+    return str(error)
+  return f'{type(error).__name__}: {error}'
 
 
 def predict_paths(config, workdir: str, input_path: str, output_dir: str,
@@ -200,28 +318,33 @@ def predict_paths(config, workdir: str, input_path: str, output_dir: str,
   """Predicts every input under `input_path` into `output_dir`.
 
   Returns:
-    The inputs that failed or were skipped (also printed), empty if none.
+    The inputs that failed (also printed, after the skipped entries), empty
+    if none.
   """
-  inputs, failures = list_inputs(input_path)
-  if os.path.abspath(output_dir) == os.path.abspath(input_path):
-    raise ValueError('--output must differ from --input: predictions are '
-                     'never written next to the inputs.')
-  os.makedirs(output_dir, exist_ok=True)
+  inputs, skipped = list_inputs(input_path)
+  check_output_dir(input_path, output_dir)
   predictor = Predictor(config, workdir, which, step)
+  os.makedirs(output_dir, exist_ok=True)
+  failures, stems = [], {}
   for path in inputs:
+    stem = output_stem(path)
+    if stem in stems:
+      failures.append(Failure(path, f'its output name {stem!r} is already '
+                              f'taken by {stems[stem]}; rename one of them.'))
+      continue
+    stems[stem] = path
     try:
-      if _is_image(path):
-        written = predict_image(predictor, path, output_dir)
-      else:
-        written = predict_volume(predictor, path, output_dir)
+      written = _predict_one(predictor, path, output_dir)
       print(f'{path} -> {", ".join(os.path.basename(w) for w in written)}')
-    except (ValueError, OSError, EOFError) as e:
-      failures.append(Failure(path, str(e) or traceback.format_exc(limit=1)))
-  done = len(inputs) - sum(f.path in inputs for f in failures)
-  print(f'Predicted {done} of {len(inputs)} input(s) into '
-        f'{os.path.abspath(output_dir)} with step {predictor.step}.')
+    except Exception as e:  # pylint: disable=broad-except
+      # One bad input must not stop the others; it is listed at the end.
+      failures.append(Failure(path, _reason(e, path)))
+  print(f'Predicted {len(inputs) - len(failures)} of {len(inputs)} input(s) '
+        f'into {os.path.abspath(output_dir)} with step {predictor.step}.')
+  for f in skipped:
+    print(f'skipped {f.path}: {f.reason}')
   if failures:
-    print(f'{len(failures)} problem(s):')
+    print(f'{len(failures)} input(s) failed:')
     for f in failures:
       print(f'  {f.path}: {f.reason}')
   return failures

@@ -84,6 +84,18 @@ def run_main(workdir, num_devices=1, check=True, timeout=300, **kwargs):
   return proc
 
 
+def run_main_mode(workdir, mode, *flags, check=True, timeout=300):
+  """Runs `--mode=MODE --workdir=W` on a trained run (its config.json)."""
+  proc = subprocess.run(
+      [sys.executable, '-m', 'medseg_jax.main', f'--mode={mode}',
+       f'--workdir={workdir}', *flags], cwd=REPO, env=subprocess_env(1),
+      capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'--mode={mode} failed ({proc.returncode}):\n'
+                         f'{proc.stderr[-4000:]}')
+  return proc
+
+
 @pytest.fixture
 def tiny():
   """The tiny config factory."""
