@@ -160,6 +160,10 @@ def get_config(arg=None):
   # whether to write probability maps next to the masks.
   config.eval.mc_samples = 0
   config.eval.save_probabilities = False
+  # predict: a layer name (e.g. 'enc_2', 'dec_0'; a wrong name lists the
+  # valid ones) writes a Grad-CAM heat-map overlay <name>_gradcam.png per 2D
+  # image; '' = off.
+  config.eval.gradcam_layer = ''
   return config
 
 

@@ -10,6 +10,8 @@ folder of .dcm files), or a folder of any of these. Outputs, per input:
                                config.data.label_values; 0..K-1 multi-class)
   volumes  <name>.nii.gz       the mask with the input's shape, affine, header
   with config.eval.save_probabilities: <name>_prob.npy / _prob.nii.gz
+  with config.eval.gradcam_layer (2D images): <name>_gradcam.png, the
+  layer's Grad-CAM heat map over the image
   with config.eval.mc_samples = N >= 2 (MC dropout): <name>_mean and _std
   ([*spatial, K]), _entropy and _mutual_information ([*spatial]) maps (.npy
   for images, .nii.gz for volumes)
@@ -35,9 +37,11 @@ import os
 
 import jax
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from medseg_jax import evaluate
+from medseg_jax import gradcam
 from medseg_jax import inference
 from medseg_jax.data import image_io
 from medseg_jax.data import preprocess
@@ -191,6 +195,10 @@ def check_mc_settings(config) -> None:
         '=0.1 (or more).')
 
 
+def _gradcam_layer(config) -> str:
+  return config.eval.get('gradcam_layer', '') or ''
+
+
 class Predictor:
   """A trained run's model with the inference settings of its config."""
 
@@ -202,6 +210,35 @@ class Predictor:
     self.predict_case = evaluate.make_case_predictor(config, self.model,
                                                      self.variables)
     self._normalize = evaluate.normalizer(config)
+    self._check_gradcam_layer()
+
+  def _check_gradcam_layer(self) -> None:
+    """Raises before any prediction if config.eval.gradcam_layer is unusable."""
+    layer = _gradcam_layer(self.config)
+    if not layer:
+      return
+    spatial = evaluate.model_input_shape(self.config)[1:-1]
+    if len(spatial) != 2 or evaluate.slice_context(self.config) is not None:
+      raise ValueError('config.eval.gradcam_layer: predict writes Grad-CAM '
+                       'overlays for 2D image runs only; for volumes call '
+                       'medseg_jax.gradcam.grad_cam on a case.')
+    dummy = np.zeros(evaluate.model_input_shape(self.config)[1:], np.float32)
+    names = gradcam.feature_layer_names(self.model, self.variables, dummy)
+    if layer not in names:
+      raise ValueError(f'config.eval.gradcam_layer={layer!r} is not a '
+                       f'feature-map layer of this {self.config.model.name}; '
+                       f'choose one of: {", ".join(names)}.')
+
+  def gradcam_overlay(self, raw: np.ndarray, resized: np.ndarray
+                      ) -> np.ndarray:
+    """Returns the RGB uint8 Grad-CAM overlay of `config.eval.gradcam_layer`
+    on the raw image, from the model input `resized` (the training size)."""
+    heatmap = gradcam.grad_cam(self.model, self.variables,
+                               self._model_input(resized),
+                               _gradcam_layer(self.config),
+                               threshold=self.config.eval.threshold)
+    heatmap = _resize(heatmap[..., None], raw.shape[:2], order=1)[..., 0]
+    return gradcam.overlay(raw, np.clip(heatmap, 0.0, 1.0))
 
   def _model_input(self, image: np.ndarray) -> np.ndarray:
     """The normalised model input of a raw image (slices for a slice run)."""
@@ -259,6 +296,10 @@ def predict_image(predictor: Predictor, path: str, out_dir: str) -> list[str]:
   if config.eval.save_probabilities:
     np.save(stem + '_prob.npy', probs)
     written.append(stem + '_prob.npy')
+  if _gradcam_layer(config):
+    Image.fromarray(predictor.gradcam_overlay(raw, resized)).save(
+        stem + '_gradcam.png')
+    written.append(stem + '_gradcam.png')
   if config.eval.mc_samples:
     for name, values in predictor.mc_maps(resized).items():
       scalar = values.ndim == 2  # entropy, mutual_information: [H, W].

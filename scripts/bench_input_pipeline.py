@@ -19,12 +19,16 @@ later epochs from memory in each worker, so both figures are printed.
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 import ml_collections
 import numpy as np
 from PIL import Image
+
+# Run from anywhere: the configs/ package lives at the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _write_photos(root: str, count: int, size: tuple[int, int]) -> None:

@@ -20,6 +20,8 @@ from PIL import Image
 from pydicom.uid import generate_uid
 import pytest
 
+from medseg_jax import evaluate
+from medseg_jax import gradcam
 from medseg_jax import overrides
 from medseg_jax import predict
 from medseg_jax import report
@@ -288,6 +290,31 @@ def test_predict_mc_dropout_maps_with_eval_overrides(run2d, tmp_path):
   assert 0.0 <= maps['mean'].min() and maps['mean'].max() <= 1.0
   assert maps['std'].max() > 0.0  # Dropout is on: the samples differ.
   assert maps['entropy'].min() >= 0.0 and maps['entropy'].max() <= np.log(2)
+
+
+def test_predict_gradcam_overlay_and_a_wrong_layer(run2d, tmp_path):
+  config = workdir_lib.load_config(str(run2d))
+  model, variables, _ = evaluate.load_model(config, str(run2d))
+  layers = gradcam.feature_layer_names(
+      model, variables, np.zeros(evaluate.model_input_shape(config)[1:]))
+  inputs = _image_inputs(tmp_path / 'in')
+  out = tmp_path / 'out'
+  _ok(_main(run2d, '--mode=predict', f'--input={inputs / "wide.png"}',
+            f'--output={out}', f'--config.eval.gradcam_layer={layers[1]}'))
+  assert sorted(os.listdir(out)) == ['wide.png', 'wide_gradcam.png']
+  cam = np.asarray(Image.open(out / 'wide_gradcam.png'))
+  assert cam.shape == (50, 70, 3) and cam.dtype == np.uint8
+  # The heat map's colours are blended in: not the image alone, rescaled.
+  image = np.asarray(Image.open(inputs / 'wide.png'), np.float32)
+  plain = np.round((image - image.min()) / (image.max() - image.min()) * 255)
+  assert np.abs(cam - plain).mean() > 5
+  proc = _main(run2d, '--mode=predict', f'--input={inputs / "wide.png"}',
+               f'--output={tmp_path / "out2"}',
+               '--config.eval.gradcam_layer=no_such_layer')
+  assert proc.returncode == 1
+  assert "gradcam_layer='no_such_layer'" in proc.stderr
+  assert layers[1] in proc.stderr  # The valid names are listed.
+  assert not (tmp_path / 'out2').exists() or not os.listdir(tmp_path / 'out2')
 
 
 def test_mc_dropout_without_dropout_or_with_one_sample_is_refused(run2d):
