@@ -319,12 +319,8 @@ def test_trains_and_loss_decreases():
 
 
 def _from_config(model_cfg, num_classes=1):
-  """Builds the model as create_model will once it reads CONFIG_KEYS."""
-  model = models.create_model(model_cfg, num_classes)  # Shared keys.
-  extra = {k: (tuple(model_cfg[k]) if isinstance(model_cfg[k], (list, tuple))
-               else model_cfg[k])
-           for k in models.TransUNet.CONFIG_KEYS if k in model_cfg}
-  return model.clone(**extra)
+  """Builds the model the way training does (shared keys and CONFIG_KEYS)."""
+  return models.create_model(model_cfg, num_classes)
 
 
 def test_config_keys_are_module_attributes():
@@ -355,6 +351,8 @@ def test_cpu_config_builds_and_runs_at_its_size():
   model = _from_config(config.model)
   size = config.data.image_size
   assert model.hidden_size == 64 and model.num_layers == 2
+  assert model.block == 'basic' and tuple(model.stage_blocks) == (1, 1, 1)
+  assert model.num_heads == 4 and model.mlp_dim == 256
   assert size % model.input_divisor == 0
   _, out = _abstract_apply(model, (2, size, size, 3))
   assert out.shape == (2, size, size, 1)

@@ -18,7 +18,8 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32,
           'float16': jnp.float16}
 
 # config.model key -> module attribute; keys a model does not have are
-# accepted only at their neutral value (see `_module_kwargs`).
+# accepted only at their neutral value (see `_module_kwargs`). A model class
+# adds its own keys in a `CONFIG_KEYS` class attribute.
 _CONFIG_KEYS = ('features', 'norm', 'upsample', 'downsample', 'residual',
                 'deep_supervision', 'dropout_rate', 'dropout_at')
 
@@ -55,7 +56,8 @@ def _module_kwargs(cls, name: str, model_cfg) -> dict:
   """Returns the module attributes given by model_cfg that cls accepts."""
   fields = {f.name for f in dataclasses.fields(cls)} - {'name', 'parent'}
   kwargs = {}
-  for key in _CONFIG_KEYS:
+  # A model may read more keys than the shared ones (TransUNet's ViT size).
+  for key in _CONFIG_KEYS + tuple(getattr(cls, 'CONFIG_KEYS', ())):
     if key not in model_cfg:
       continue
     value = model_cfg[key]
