@@ -177,11 +177,13 @@ def test_dispatch_other_sources(tmp_path):
 def test_format_problems_paths_and_empty():
   problems = [check.Problem('/d/images/x.png', 'bad.'),
               check.Problem('/elsewhere/y.csv', 'worse.'),
-              check.Problem('config.data', 'split.')]
+              check.Problem('config.data', 'split.'),
+              check.Problem('/d', 'data folder does not exist.')]
   lines = check.format_problems(problems, '/d').splitlines()
-  assert lines[:3] == ['  images/x.png: bad.', '  /elsewhere/y.csv: worse.',
-                       '  config.data: split.']
-  assert lines[3].startswith('3 problem(s) found in /d.')
+  assert lines[:4] == ['  images/x.png: bad.', '  /elsewhere/y.csv: worse.',
+                       '  config.data: split.',
+                       '  /d: data folder does not exist.']
+  assert lines[4].startswith('4 problem(s) found in /d.')
   assert check.format_problems([], '/d') == (
       'Data set check: no problems found in /d.')
 

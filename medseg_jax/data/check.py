@@ -53,11 +53,12 @@ def relative_to_root(path: str, root: str) -> str:
     root: the data folder, or ''.
 
   Returns:
-    `path` relative to `root` when it lies inside it, else `path` unchanged.
+    `path` relative to `root` when it lies inside it, else `path` unchanged
+    (the root itself too: '.' would say nothing).
   """
   if root and os.path.isabs(path):
     rel = os.path.relpath(path, os.path.abspath(root))
-    if rel == '.' or not rel.startswith('..'):
+    if rel != '.' and not rel.startswith('..'):
       return rel
   return path
 

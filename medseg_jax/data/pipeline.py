@@ -83,8 +83,8 @@ def train_transforms(data_cfg) -> list:
 
   Patch sampling (3D/2D patches with foreground oversampling, when
   `patch_size` is set), then geometric and (photographs only) colour
-  augmentation, then
-  intensity/elastic augmentation (nnU-Net's order), then `Normalize`.
+  augmentation, then intensity/elastic augmentation (nnU-Net's order), then
+  `Normalize`.
   """
   base = transforms_lib.build_train_transforms(data_cfg.augment,
                                                data_cfg.mean, data_cfg.std)
