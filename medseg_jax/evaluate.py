@@ -154,6 +154,27 @@ def volume_cases(data: pipeline.DataSplits) -> pipeline.DataSplits:
   return pipeline.DataSplits(source=slices.volumes, indices=indices)
 
 
+def load_ensemble_members(config, workdirs, which: str = 'best') -> list:
+  """Returns the variables of each run in `workdirs` (an ensemble's others).
+
+  Each run must have trained the model `config` describes (same
+  `config.model`, classes and channels), e.g. the folds of a
+  cross-validation; its `which` checkpoint is loaded.
+
+  Raises:
+    ValueError: a run with another model, naming it and the differing keys.
+    FileNotFoundError: a run without checkpoints.
+  """
+  members = []
+  for other in workdirs:
+    if not os.path.exists(os.path.join(other, 'config.json')):
+      raise FileNotFoundError(f'--ensemble: {other!r} has no config.json; '
+                              'give the workdirs of trained runs.')
+    workdir_lib.check_same_model(other, config)
+    members.append(load_model(config, other, which)[1])
+  return members
+
+
 def make_case_predictor(config, model, variables):
   """Returns `predict(image [*spatial, C] float32) -> probabilities [*spatial, K]`.
 
@@ -162,9 +183,15 @@ def make_case_predictor(config, model, variables):
   when `config.eval.tta`. For a run trained on slices of volumes, `image` is
   `as_model_input` of a volume, `[D, H, W, C']`: each slice is predicted
   and the probabilities restacked to `[D, H, W, K]`.
+
+  `variables` may be a list (an ensemble): the members' probabilities are
+  averaged at every window / flip.
   """
   eval_cfg = config.eval
-  predict_fn = inference.make_predict_fn(model, variables)
+  if isinstance(variables, (list, tuple)):
+    predict_fn = inference.make_ensemble_predict_fn(model, variables)
+  else:
+    predict_fn = inference.make_predict_fn(model, variables)
   patch = tuple(config.data.get('patch_size', ()) or ())
   divisor = inference.input_divisor(model)
 
@@ -241,20 +268,29 @@ def _case_defining_data(data_dict: dict) -> dict:
   return {k: v for k, v in data_dict.items() if k not in _DATA_LOADING_KEYS}
 
 
-def eval_root(config, workdir: str) -> str:
-  """Returns WORKDIR/eval, or WORKDIR/eval/external-<hash> for other data.
+def _short_hash(value) -> str:
+  text = json.dumps(value, sort_keys=True)
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def eval_root(config, workdir: str, ensemble=()) -> str:
+  """Returns where a split's reports go: WORKDIR/eval[/external-<h>][/ensemble-<h>].
 
   The data set is the run's when `config.data` equals the data section of
-  the run's config.json, up to loading settings (cache, workers, checks).
+  the run's config.json, up to loading settings (cache, workers, checks);
+  other data go to `external-<hash>`. An ensemble with the runs `ensemble`
+  goes to `ensemble-<hash of their paths>`, beside the run's own reports.
   """
   saved = workdir_lib.saved_config_dict(workdir).get('data', {})
   current = workdir_lib.config_as_json_dict(config)['data']
   root = os.path.join(workdir, 'eval')
-  if _case_defining_data(saved) == _case_defining_data(current):
-    return root
-  text = json.dumps(_case_defining_data(current), sort_keys=True)
-  return os.path.join(root, 'external-' +
-                      hashlib.sha1(text.encode()).hexdigest()[:8])
+  if _case_defining_data(saved) != _case_defining_data(current):
+    root = os.path.join(root,
+                        'external-' + _short_hash(_case_defining_data(current)))
+  if ensemble:
+    paths = sorted(os.path.abspath(w) for w in ensemble)
+    root = os.path.join(root, 'ensemble-' + _short_hash(paths))
+  return root
 
 
 def evaluate_split(config, workdir: str, model, variables, data, split: str,
@@ -273,8 +309,9 @@ def evaluate_split(config, workdir: str, model, variables, data, split: str,
   summary = report.summarize(rows)
   summary['calibration'] = calibration.summary()
   settings = workdir_lib.config_as_json_dict(config)
+  members = len(variables) if isinstance(variables, (list, tuple)) else 1
   summary.update(split=split, step=int(step), workdir=os.path.abspath(workdir),
-                 num_cases=len(data.indices[split]),
+                 num_cases=len(data.indices[split]), ensemble_size=members,
                  config={'data': settings['data'], 'eval': settings['eval']})
   report.write_case_csv(rows, os.path.join(out_dir, 'cases.csv'))
   report.write_summary(summary, os.path.join(out_dir, 'summary.json'),
@@ -312,8 +349,18 @@ def _write_plots(config, workdir, model, variables, data, split, rows,
 
 
 def evaluate_run(config, workdir: str, split: str = 'test',
-                 which: str = 'best', step=None) -> dict[str, dict]:
+                 which: str = 'best', step=None,
+                 ensemble=()) -> dict[str, dict]:
   """Evaluates a trained run on one split (or 'all'); prints and writes reports.
+
+  Args:
+    config: the run's config (or another data set's, same model).
+    workdir: the run's workdir.
+    split: 'train', 'val', 'test' or 'all'.
+    which: 'best' or 'latest' checkpoint.
+    step: a step to load instead of the newest.
+    ensemble: other runs' workdirs whose models are averaged with this one's
+      (their `which` checkpoints), e.g. the other folds.
 
   Returns:
     {split: summary dict}.
@@ -324,10 +371,12 @@ def evaluate_run(config, workdir: str, split: str = 'test',
       raise ValueError(f'--split={split!r}: use one of '
                        f'{", ".join(splits_lib.SPLITS)} or all.')
   model, variables, step = load_model(config, workdir, which, step)
+  if ensemble:
+    variables = [variables, *load_ensemble_members(config, ensemble, which)]
   data = pipeline.build_splits(config.data)
   if slice_context(config) is not None:
     data = volume_cases(data)
-  root = eval_root(config, workdir)
+  root = eval_root(config, workdir, ensemble)
   results = {}
   for name in wanted:
     if not data.size(name):

@@ -49,6 +49,9 @@ flags.DEFINE_integer('step', None, 'evaluate/predict: load this step.')
 flags.DEFINE_string('input', None, 'predict: an image, a NIfTI file, a DICOM '
                     'series folder, or a folder of those.')
 flags.DEFINE_string('output', None, 'predict: folder for the masks.')
+flags.DEFINE_list('ensemble', [], 'evaluate/predict: workdirs of other runs '
+                  'of the same model (e.g. the other cross-validation folds) '
+                  "whose probabilities are averaged with --workdir's.")
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of JAX processes.')
@@ -175,13 +178,14 @@ def _run_mode() -> None:
     _require('workdir')
     from medseg_jax import evaluate  # pylint: disable=import-outside-toplevel
     evaluate.evaluate_run(_config(), FLAGS.workdir, split=FLAGS.split,
-                          which=FLAGS.checkpoint, step=FLAGS.step)
+                          which=FLAGS.checkpoint, step=FLAGS.step,
+                          ensemble=FLAGS.ensemble)
   elif FLAGS.mode == 'predict':
     _require('workdir', 'input', 'output')
     from medseg_jax import predict  # pylint: disable=import-outside-toplevel
     failures = predict.predict_paths(_config(), FLAGS.workdir, FLAGS.input,
                                      FLAGS.output, which=FLAGS.checkpoint,
-                                     step=FLAGS.step)
+                                     step=FLAGS.step, ensemble=FLAGS.ensemble)
     if failures:
       sys.exit(1)
 

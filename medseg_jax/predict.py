@@ -202,13 +202,24 @@ def _gradcam_layer(config) -> str:
 class Predictor:
   """A trained run's model with the inference settings of its config."""
 
-  def __init__(self, config, workdir: str, which: str = 'best', step=None):
+  def __init__(self, config, workdir: str, which: str = 'best', step=None,
+               ensemble=()):
+    """Args: the run's config and workdir, its checkpoint (`which`, `step`),
+    and other runs' workdirs to average with it (`ensemble`)."""
     check_mc_settings(config)
+    if ensemble and (config.eval.get('mc_samples', 0) or
+                     _gradcam_layer(config)):
+      raise ValueError('--ensemble averages probabilities; MC-dropout maps '
+                       '(config.eval.mc_samples) and Grad-CAM '
+                       '(config.eval.gradcam_layer) are per model: run them '
+                       'without --ensemble.')
     self.config = config
     self.model, self.variables, self.step = evaluate.load_model(
         config, workdir, which, step)
-    self.predict_case = evaluate.make_case_predictor(config, self.model,
-                                                     self.variables)
+    members = evaluate.load_ensemble_members(config, ensemble, which)
+    self.predict_case = evaluate.make_case_predictor(
+        config, self.model, [self.variables, *members] if members else
+        self.variables)
     self._normalize = evaluate.normalizer(config)
     self._check_gradcam_layer()
 
@@ -355,8 +366,12 @@ def _reason(error: Exception, path: str) -> str:
 
 
 def predict_paths(config, workdir: str, input_path: str, output_dir: str,
-                  which: str = 'best', step=None) -> list[Failure]:
+                  which: str = 'best', step=None,
+                  ensemble=()) -> list[Failure]:
   """Predicts every input under `input_path` into `output_dir`.
+
+  With `ensemble` (other runs' workdirs, same model), the probabilities are
+  the mean over this run's and their models.
 
   Returns:
     The inputs that failed (also printed, after the skipped entries), empty
@@ -364,7 +379,7 @@ def predict_paths(config, workdir: str, input_path: str, output_dir: str,
   """
   inputs, skipped = list_inputs(input_path)
   check_output_dir(input_path, output_dir)
-  predictor = Predictor(config, workdir, which, step)
+  predictor = Predictor(config, workdir, which, step, ensemble)
   os.makedirs(output_dir, exist_ok=True)
   failures, stems = [], {}
   for path in inputs:

@@ -455,3 +455,48 @@ def test_overrides_are_typed_like_the_saved_config(run2d):
   assert rest == ['main', '--mode=predict', '--', '--config.x=1']
   assert found == [('eval.tta', None), ('eval.tta', 'false'),
                    ('eval.mc_samples', '2')]
+
+
+# ----------------------------------------------------------------- ensembles
+
+
+@pytest.fixture(scope='module')
+def run2d_other_seed(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run2d_seed1')
+  conftest.run_main(workdir, **dict(RUN_2D, seed=1))
+  return workdir
+
+
+def test_ensemble_averages_the_members_probabilities(run2d, run2d_other_seed,
+                                                     tmp_path):
+  inputs = _image_inputs(tmp_path / 'in')
+  probs = {}
+  for name, flags in [('a', ()), ('b', ()),
+                      ('ab', (f'--ensemble={run2d_other_seed}',))]:
+    workdir = run2d_other_seed if name == 'b' else run2d
+    out = tmp_path / name
+    _ok(_main(workdir, '--mode=predict', f'--input={inputs / "wide.png"}',
+              f'--output={out}', '--config.eval.save_probabilities=True',
+              *flags))
+    probs[name] = np.load(out / 'wide_prob.npy')
+  assert np.abs(probs['a'] - probs['b']).max() > 1e-3  # Different models.
+  np.testing.assert_allclose(probs['ab'], (probs['a'] + probs['b']) / 2,
+                             atol=1e-5)
+  # evaluate writes the ensemble's reports beside the run's own.
+  own = _snapshot(run2d / 'eval')
+  _ok(_main(run2d, '--mode=evaluate', f'--ensemble={run2d_other_seed}'))
+  [folder] = [d for d in os.listdir(run2d / 'eval')
+              if d.startswith('ensemble-')]
+  summary = _summary(run2d / 'eval' / folder / 'test')
+  assert summary['ensemble_size'] == 2
+  assert {k: v for k, v in _snapshot(run2d / 'eval').items()
+          if not k.startswith('ensemble-')} == own
+
+
+def test_ensemble_of_another_model_is_refused(run2d, run3d, tmp_path):
+  inputs = _image_inputs(tmp_path / 'in')
+  proc = _main(run2d, '--mode=predict', f'--input={inputs / "wide.png"}',
+               f'--output={tmp_path / "out"}', f'--ensemble={run3d}')
+  assert proc.returncode == 1
+  assert str(run3d) in proc.stderr and 'another model' in proc.stderr
+  assert not (tmp_path / 'out').exists()
