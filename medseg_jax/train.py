@@ -1,7 +1,8 @@
 """train_and_evaluate(config, workdir): the training loop, in labelled sections.
 
-Mesh -> input -> model and optimiser -> state (fresh or resumed) -> jitted
-steps -> loop (update, log, evaluate, checkpoint) -> summary.
+Checks (workdir, data set, mesh) -> input -> model and optimiser -> state
+(fresh or resumed) -> jitted steps -> loop (update, log, evaluate,
+checkpoint) -> summary.
 """
 
 import time
@@ -156,25 +157,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   is_main = jax.process_index() == 0
 
-  # Workdir: fail before writing anything if we cannot use it.
+  # Workdir, data set and mesh: every problem with them (the data set's
+  # files too, all listed at once) is reported before anything is written.
   workdir_lib.check_writable(workdir)
-  # Every problem of a file data set is listed before anything is created.
   if config.data.get('check', True):
     check.assert_dataset_ok(config.data)
-  ckpt = checkpoint_lib.Checkpointer(workdir, config.train.max_checkpoints)
-  workdir_lib.check_resumable(workdir, config, ckpt.latest_step() is not None)
-
-  # Mesh.
+  data = pipeline.build_splits(config.data)
+  sched = training_schedule(config, data.size('train'))
+  total_steps = sched['total_steps']
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh,
                             'config.train.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh,
                             'config.eval.batch_size')
+  ckpt = checkpoint_lib.Checkpointer(workdir, config.train.max_checkpoints)
+  workdir_lib.check_resumable(workdir, config, ckpt.latest_step() is not None)
 
   # Input.
-  data = pipeline.build_splits(config.data)
-  sched = training_schedule(config, data.size('train'))
-  total_steps = sched['total_steps']
   train_iter = iter(pipeline.train_dataset(
       data, config.data, global_batch=config.train.batch_size,
       num_steps=total_steps, seed=config.seed,

@@ -101,13 +101,8 @@ def assert_trained(workdir, num_steps=3):
 
 
 def assert_nothing_written(workdir):
-  """Asserts a failed run left no checkpoint, config.json or metrics.jsonl.
-
-  Empty checkpoint folders (made when the checkpointer opens) may exist.
-  """
-  assert set(os.listdir(workdir)) <= {'checkpoints'}
-  folder = os.path.join(workdir, 'checkpoints')
-  assert [n for _, _, names in os.walk(folder) for n in names] == []
+  """Asserts a run refused before training left its workdir empty."""
+  assert os.listdir(workdir) == []
 
 
 # ------------------------------------------------------------ data builders
