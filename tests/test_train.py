@@ -67,6 +67,23 @@ def test_four_devices_give_the_same_losses_as_one(tmp_path):
                p1['params'], p4['params'])
 
 
+def test_3d_patches_on_two_devices_give_the_same_losses_as_one(tmp_path):
+  # Random 3D patches with foreground oversampling, intensity augmentation and
+  # instance norm: the global batch and its losses do not depend on how many
+  # devices share it.
+  tiny_3d = dict(config_arg='configs/unet3d.py:cpu',
+                 data__synthetic3d__num_patients=8,
+                 data__synthetic3d__volume_size=(16, 32, 32),
+                 data__patch_size=(8, 16, 16), model__features=(4, 8),
+                 train__batch_size=4, eval__batch_size=2, train__num_steps=4)
+  conftest.run_main(tmp_path / 'one', num_devices=1, **tiny_3d)
+  conftest.run_main(tmp_path / 'two', num_devices=2, **tiny_3d)
+  one, two = _train_losses(tmp_path / 'one'), _train_losses(tmp_path / 'two')
+  assert sorted(one) == sorted(two) == list(range(1, 5))
+  np.testing.assert_allclose([two[s] for s in one], list(one.values()),
+                             rtol=2e-5, atol=1e-6)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('localhost', 0))
