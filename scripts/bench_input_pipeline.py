@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 from PIL import Image
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from medseg_jax.data import nifti_layout
 from medseg_jax.data import preprocess
 from medseg_jax.data import volume_io
 from medseg_jax.data import volume_sources
@@ -287,7 +288,7 @@ def test_find_problems_3d_lists_every_planted_problem(tmp_path):
   with open(os.path.join(root, 'dataset.json'), 'w') as f:
     json.dump(meta, f)
   before = snapshot(root)
-  problems = volume_sources.find_problems_3d(data_cfg(root))
+  problems = nifti_layout.find_problems_3d(data_cfg(root))
   assert snapshot(root) == before
   found = {os.path.basename(p): r for p, r in problems}
   assert len(problems) == 6, problems
@@ -303,7 +304,7 @@ def test_find_problems_3d_lists_every_planted_problem(tmp_path):
 def test_find_problems_3d_layout_and_config(tmp_path):
   root = make_nnunet(str(tmp_path / 'Dataset002'))
   os.remove(os.path.join(root, 'imagesTr', 'pat1_0001.nii.gz'))
-  problems = volume_sources.find_problems_3d(data_cfg(root))
+  problems = nifti_layout.find_problems_3d(data_cfg(root))
   reasons = ' | '.join(r for _, r in problems)
   assert 'pat1_0001.nii.gz' in reasons and 'missing channel' in reasons
   assert 'num_classes=3; set it to 1' in reasons
@@ -312,15 +313,15 @@ def test_find_problems_3d_layout_and_config(tmp_path):
   os.makedirs(os.path.join(empty, 'imagesTr'))
   with open(os.path.join(empty, 'dataset.json'), 'w') as f:
     json.dump(dict(modality={'0': 'MR'}, labels={'0': 'bg', '1': 'x'}), f)
-  assert 'empty data set' in volume_sources.find_problems_3d(
+  assert 'empty data set' in nifti_layout.find_problems_3d(
       data_cfg(empty, num_classes=1, in_channels=1))[0][1]
   with open(os.path.join(empty, 'dataset.json'), 'w') as f:
     f.write('{not json')
-  problems = volume_sources.find_problems_3d(data_cfg(empty))
+  problems = nifti_layout.find_problems_3d(data_cfg(empty))
   assert problems[0][0].endswith('dataset.json')
   assert 'invalid dataset.json' in problems[0][1]
   os.remove(os.path.join(empty, 'dataset.json'))
-  assert 'missing' in volume_sources.find_problems_3d(data_cfg(empty))[0][1]
+  assert 'missing' in nifti_layout.find_problems_3d(data_cfg(empty))[0][1]
   with pytest.raises(ValueError, match='dataset.json'):
     volume_sources.build_nifti_source(data_cfg(empty))
 

@@ -219,18 +219,18 @@ def _photo_problems(data_cfg) -> list[Problem]:
 
 
 def _nifti_problems(data_cfg) -> list[Problem]:
-  """Problems of a 'nifti' data set (volume_sources.find_problems_3d)."""
-  from medseg_jax.data import volume_sources  # pylint: disable=import-outside-toplevel
-  problems = [Problem(*p) for p in volume_sources.find_problems_3d(data_cfg)]
+  """Problems of a 'nifti' data set (nifti_layout.find_problems_3d)."""
+  from medseg_jax.data import nifti_layout  # pylint: disable=import-outside-toplevel
+  problems = [Problem(*p) for p in nifti_layout.find_problems_3d(data_cfg)]
   root = data_cfg.get('root', '')
   if not root:
     return problems
   root = os.path.abspath(root)
-  case_ids = [c.case_id for c in volume_sources.scan_dataset(root).cases]
+  case_ids = [c.case_id for c in nifti_layout.scan_dataset(root).cases]
   patients_csv = dict(data_cfg.get('nifti', None) or {}).get('patients_csv')
   mapping = {}
   if patients_csv and case_ids:
-    mapping, _ = volume_sources.read_patients_csv(
+    mapping, _ = nifti_layout.read_patients_csv(
         os.path.join(root, patients_csv), case_ids)
   # A split depends only on the set of patients, so volumes stand for their
   # slices in 2D mode.
