@@ -30,6 +30,17 @@ TINY_OVERRIDES = {
 }
 
 
+def set_fields(config, overrides):
+  """Sets `{'a__b': value}` (or 'a.b') fields of a ConfigDict in place."""
+  for key, value in overrides.items():
+    *parents, leaf = key.replace('__', '.').split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def tiny_config(**overrides):
   """Returns configs/unetpp.py:cpu shrunk by TINY_OVERRIDES, then `overrides`.
 
@@ -40,13 +51,7 @@ def tiny_config(**overrides):
   config = unetpp.get_config('cpu')
   values = dict(TINY_OVERRIDES)
   values.update({k.replace('__', '.'): v for k, v in overrides.items()})
-  for key, value in values.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_fields(config, values)
 
 
 def _flag(key, value):

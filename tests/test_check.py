@@ -35,6 +35,17 @@ def make_broken_folder(root):
   return root
 
 
+def make_clean_folder(root):
+  """The broken folder with every planted problem removed ('ok', 'rgb')."""
+  make_broken_folder(root)
+  for name in ('images/nomask.png', 'masks/orphan_mask.png',
+               'masks/size_mask.png', 'images/values.png',
+               'masks/values_mask.png', 'images/corrupt.jpg',
+               'masks/corrupt_mask.png', 'images/size.png'):
+    os.remove(os.path.join(root, name))
+  return root
+
+
 EXPECTED = {  # File -> words its reason must contain.
     'images/nomask.png': 'no mask',
     'masks/orphan_mask.png': 'mask without image',
@@ -72,12 +83,7 @@ def test_every_problem_reported_at_once(tmp_path):
 
 
 def test_clean_data_set_has_no_problems(tmp_path):
-  root = make_broken_folder(str(tmp_path / 'data'))
-  for name in ('images/nomask.png', 'masks/orphan_mask.png',
-               'masks/size_mask.png', 'images/values.png',
-               'masks/values_mask.png', 'images/corrupt.jpg',
-               'masks/corrupt_mask.png', 'images/size.png'):
-    os.remove(os.path.join(root, name))
+  root = make_clean_folder(str(tmp_path / 'data'))
   cfg = data_cfg(root, in_channels=3)  # Gray 'ok' is repeated to RGB.
   assert check.check_dataset(cfg) == []
   assert 'no problems found' in check.check_dataset_report(cfg)
@@ -215,12 +221,7 @@ def test_two_images_with_one_stem(tmp_path):
 
 def test_passed_check_is_remembered_until_a_file_changes(tmp_path,
                                                          monkeypatch):
-  root = make_broken_folder(str(tmp_path / 'data'))
-  for name in ('images/nomask.png', 'masks/orphan_mask.png',
-               'masks/size_mask.png', 'images/values.png',
-               'masks/values_mask.png', 'images/corrupt.jpg',
-               'masks/corrupt_mask.png', 'images/size.png'):
-    os.remove(os.path.join(root, name))
+  root = make_clean_folder(str(tmp_path / 'data'))
   cfg = data_cfg(root, cache_dir=str(tmp_path / 'cache'))
   calls = []
   real = check.check_dataset

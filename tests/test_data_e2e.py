@@ -57,13 +57,7 @@ def data_config(**overrides):
   _config_path()
   from configs import default  # pylint: disable=import-outside-toplevel
   cfg = default.get_config().data
-  for key, value in overrides.items():
-    *parents, leaf = key.split('__')
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return conftest.set_fields(cfg, overrides)
 
 
 def tree_digest(root):

@@ -16,6 +16,7 @@ from medseg_jax.data import nifti_layout
 from medseg_jax.data import preprocess
 from medseg_jax.data import volume_io
 from medseg_jax.data import volume_sources
+from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE_XYZ = (6, 7, 5)  # (D, H, W) = (5, 7, 6).
@@ -101,13 +102,7 @@ def data_cfg(root, **overrides):
   cfg.num_classes = 3
   cfg.in_channels = 2
   cfg.preprocess.intensity = 'none'
-  for key, value in overrides.items():
-    *parents, leaf = key.split('__')
-    node = cfg
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return conftest.set_fields(cfg, overrides)
 
 
 def test_msd_records_follow_the_contract(tmp_path):

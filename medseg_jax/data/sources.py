@@ -92,8 +92,3 @@ def build_source(data_cfg):
                      f'sources: {", ".join(KNOWN_SOURCES)}.')
   return builder(data_cfg)
 
-
-def is_volume_source(data_cfg) -> bool:
-  """Returns whether the source's records are 3D volumes (not 2D images)."""
-  return data_cfg.source == 'synthetic3d' or (
-      data_cfg.source == 'nifti' and data_cfg.get('volume_mode', '3d') == '3d')
