@@ -30,7 +30,8 @@ def get_config(arg=None):
   data.source = 'synthetic3d'
   data.num_classes = 4
   data.in_channels = 4
-  data.class_names = ('oedema', 'enhancing', 'necrosis')
+  # Class names come from the data: synthetic3d's own (oedema, enhancing,
+  # necrosis), or dataset.json's labels for --config.data.source=nifti.
   data.synthetic3d.num_patients = 60
   data.synthetic3d.volume_size = (80, 128, 128)
   data.synthetic3d.in_channels = 4

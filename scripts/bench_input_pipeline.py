@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
@@ -117,6 +118,8 @@ def _step_rate(size: int, batch: int, dtype: str, steps: int) -> float:
 
 
 def main():
+  # Grain's worker processes read absl flags; this script parses argparse.
+  flags.FLAGS.mark_as_parsed()
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--source', default='folder',
                       choices=('folder', 'synthetic'))

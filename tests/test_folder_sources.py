@@ -74,7 +74,10 @@ def write_csv(path, header, rows):
 
 
 def data_cfg(root, source='folder', **overrides):
-  values = dict(
+  """configs/default.py's config.data for a file data set, then `overrides`."""
+  from configs import default  # pylint: disable=import-outside-toplevel
+  values = default.get_config().data.to_dict()
+  values.update(
       source=source, root=str(root), image_size=16, num_classes=1,
       in_channels=3, label_values=(), cache='memory', cache_dir='',
       folder=dict(images='images', masks='masks', mask_suffix='_mask',

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from medseg_jax.data import geometric as G
 from medseg_jax.data import intensity as I
 from medseg_jax.data import transforms as T
 
@@ -32,7 +33,7 @@ INTENSITY_OPS = [
     I.GaussianBlur(prob=1.0),
     I.BrightnessContrast(prob=1.0),
 ]
-ALL_OPS = INTENSITY_OPS + [I.ElasticDeform(prob=1.0, alpha=200.0, sigma=4.0)]
+ALL_OPS = INTENSITY_OPS + [G.ElasticDeform(prob=1.0, alpha=200.0, sigma=4.0)]
 
 
 @pytest.mark.parametrize('op', ALL_OPS, ids=lambda op: type(op).__name__)
@@ -161,7 +162,7 @@ def test_uint8_images_become_float_in_unit_range():
   norm = T.Normalize(mean=(0.5,), std=(0.25,))
   np.testing.assert_allclose(norm.map(out)['image'],
                              norm.map(element)['image'], atol=1e-4)
-  warped = _apply(I.ElasticDeform(prob=1.0, alpha=50.0, sigma=3.0), element)
+  warped = _apply(G.ElasticDeform(prob=1.0, alpha=50.0, sigma=3.0), element)
   assert warped['image'].dtype == np.uint8
 
 
@@ -169,7 +170,7 @@ def test_uint8_images_become_float_in_unit_range():
 def test_elastic_alpha_zero_is_the_identity(shape):
   element = _volume(shape, channels=3)
   for sigma in (2.0, 9.0):
-    out = _apply(I.ElasticDeform(prob=1.0, alpha=0.0, sigma=sigma), element)
+    out = _apply(G.ElasticDeform(prob=1.0, alpha=0.0, sigma=sigma), element)
     np.testing.assert_array_equal(out['image'], element['image'])
     np.testing.assert_array_equal(out['mask'], element['mask'])
 
@@ -182,7 +183,7 @@ def test_elastic_moves_image_and_mask_together(shape):
   element['label'] = element['mask'].astype(np.int32)
   alpha = 400.0 if len(shape) == 2 else 900.0
   for seed in range(3):
-    out = _apply(I.ElasticDeform(prob=1.0, alpha=alpha, sigma=6.0), element,
+    out = _apply(G.ElasticDeform(prob=1.0, alpha=alpha, sigma=6.0), element,
                  seed)
     assert set(np.unique(out['mask'])) <= {0, 3}
     np.testing.assert_array_equal(out['label'], out['mask'])
@@ -197,7 +198,7 @@ def test_elastic_moves_image_and_mask_together(shape):
 def test_elastic_field_has_the_full_resolution_magnitude():
   # Coarse computation vs scipy's full-resolution Simard field (sigma 8).
   rng = np.random.default_rng(0)
-  coarse = np.concatenate([I.elastic_displacement(rng, (96, 96), 100.0, 8.0)
+  coarse = np.concatenate([G.elastic_displacement(rng, (96, 96), 100.0, 8.0)
                            for _ in range(4)])
   full = np.stack([ndimage.gaussian_filter(rng.uniform(-1, 1, (96, 96)), 8.0,
                                            mode='constant') * 100.0
@@ -217,16 +218,19 @@ def _aug(**values):
 def test_build_intensity_transforms_follows_the_config():
   assert I.build_intensity_transforms(None) == []
   assert I.build_intensity_transforms(_aug(flip=True)) == []
+  assert G.build_elastic_transforms(None) == []
   off = dict(gamma_prob=0.0, gamma_range=(0.7, 1.5), noise_prob=0.0,
              noise_std=0.1, blur_prob=0.0, blur_sigma=(0.5, 1.0),
              intensity_prob=0.0, intensity_scale=0.25, elastic_prob=0.0,
              elastic_alpha=0.0, elastic_sigma=0.0)
   assert I.build_intensity_transforms(_aug(**off)) == []
+  assert G.build_elastic_transforms(_aug(**off)) == []
   on = dict(off, gamma_prob=0.3, noise_prob=0.1, blur_prob=0.2,
             intensity_prob=0.15, elastic_prob=0.2, elastic_alpha=500.0,
             elastic_sigma=10.0)
-  ops = I.build_intensity_transforms(_aug(**on))
-  assert [type(op) for op in ops] == [I.ElasticDeform, I.GaussianNoise,
+  ops = (G.build_elastic_transforms(_aug(**on)) +
+         I.build_intensity_transforms(_aug(**on)))
+  assert [type(op) for op in ops] == [G.ElasticDeform, I.GaussianNoise,
                                       I.GaussianBlur, I.BrightnessContrast,
                                       I.RandomGamma]
   assert ops[0].alpha == 500.0 and ops[0].sigma == 10.0
@@ -234,6 +238,6 @@ def test_build_intensity_transforms_follows_the_config():
   # A plain dict works too; elastic needs a sigma.
   assert len(I.build_intensity_transforms(dict(noise_prob=0.5))) == 1
   with pytest.raises(ValueError, match='elastic_sigma'):
-    I.build_intensity_transforms(_aug(**dict(on, elastic_sigma=0.0)))
+    G.build_elastic_transforms(_aug(**dict(on, elastic_sigma=0.0)))
   with pytest.raises(ValueError, match='gamma_range'):
     I.build_intensity_transforms(_aug(**dict(on, gamma_range=(1.5, 0.7))))

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from medseg_jax.data import geometric
 from medseg_jax.data import intensity
 from medseg_jax.data import patches as P
 from medseg_jax.data import synthetic3d
@@ -221,8 +222,9 @@ def test_the_3d_chain_runs_in_grain_on_synthetic_tumours():
       gamma_prob=1.0, noise_prob=1.0, blur_prob=1.0, intensity_prob=1.0,
       elastic_prob=1.0, elastic_alpha=300.0, elastic_sigma=4.0))
   ops = [P.RandomPatch((8, 16, 16), 0.5),
-         transforms.RandomFlipRot90(axes=(1, 2)),
-         transforms.RandomAffine(prob=1.0, axes=(1, 2)),
+         geometric.RandomFlipRot90(axes=(1, 2)),
+         geometric.RandomAffine(prob=1.0, axes=(1, 2)),
+         *geometric.build_elastic_transforms(aug),
          *intensity.build_intensity_transforms(aug),
          transforms.Normalize((0.0,), (1.0,))]
   assert len(ops) == 9

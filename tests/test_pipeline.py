@@ -1,5 +1,6 @@
 """Grain pipeline: global batches independent of process count, resumable iterators."""
 
+from absl import flags
 import numpy as np
 
 from medseg_jax.data import pipeline
@@ -66,6 +67,10 @@ def test_eval_dataset_pads_with_invalid_copies_to_whole_batches():
 
 
 def test_worker_processes_give_the_same_batches_and_resume():
+  # Grain's worker start reads absl flags, parsed by main's app.run; the data
+  # code itself reads none, so a caller outside app.run marks them parsed.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   data, data_cfg = _data_and_cfg()
   kwargs = dict(global_batch=4, num_steps=5, seed=2)
   in_process = _batches(iter(pipeline.train_dataset(data, data_cfg, **kwargs)),

@@ -9,6 +9,8 @@ import pytest
 from scipy import ndimage
 
 from medseg_jax.data import synthetic
+from medseg_jax.data import geometric as G
+from medseg_jax.data import intensity as I
 from medseg_jax.data import transforms as T
 
 
@@ -43,7 +45,7 @@ def test_flip_rot90_moves_image_and_mask_identically():
   square = _marked((40, 40))
   outcomes = set()
   for seed in range(40):
-    out = _apply(T.RandomFlipRot90(), square, seed)
+    out = _apply(G.RandomFlipRot90(), square, seed)
     np.testing.assert_array_equal(out['image'][..., 0] == 255,
                                   out['mask'] == 1)
     assert out['case_id'] == 'c'
@@ -52,17 +54,17 @@ def test_flip_rot90_moves_image_and_mask_identically():
   # A non-square plane keeps its shape (only 180-degree turns).
   wide = _marked((32, 48))
   for seed in range(10):
-    out = _apply(T.RandomFlipRot90(), wide, seed)
+    out = _apply(G.RandomFlipRot90(), wide, seed)
     assert out['image'].shape == (32, 48, 3) and out['mask'].shape == (32, 48)
     np.testing.assert_array_equal(out['image'][..., 0] == 255,
                                   out['mask'] == 1)
 
 
 @pytest.mark.parametrize('dtype', [np.uint8, np.float32])
-@pytest.mark.parametrize('mode', T.PADDING_MODES)
+@pytest.mark.parametrize('mode', G.PADDING_MODES)
 def test_affine_moves_image_and_mask_together(dtype, mode):
   element = _marked(dtype=dtype)
-  op = T.RandomAffine(prob=1.0, max_rotate_degrees=30, scale_range=(0.8, 1.25),
+  op = G.RandomAffine(prob=1.0, max_rotate_degrees=30, scale_range=(0.8, 1.25),
                       mode=mode)
   changed = 0
   for seed in range(6):
@@ -81,7 +83,7 @@ def test_affine_sampling_matches_scipy(mode, scipy_mode):
   element = _marked((37, 52))
   element['image'] = ndimage.gaussian_filter(
       element['image'].astype(np.float32), (1.5, 1.5, 0))
-  matrix = T._rotation_scale_matrix(2, (0, 1), 12.0, 1.1)
+  matrix = G._rotation_scale_matrix(2, (0, 1), 12.0, 1.1)
   centre = (np.array([37, 52]) - 1) / 2
   offset = centre - matrix @ centre
   expected = np.stack([ndimage.affine_transform(
@@ -89,12 +91,12 @@ def test_affine_sampling_matches_scipy(mode, scipy_mode):
                        for c in range(3)], axis=-1)
   expected_mask = ndimage.affine_transform(element['mask'], matrix, offset,
                                            order=0, mode=scipy_mode)
-  out = T._warp(element, 2, matrix, mode)
+  out = G._warp(element, 2, matrix, mode)
   np.testing.assert_allclose(out['image'], expected, atol=1e-3)
   np.testing.assert_array_equal(out['mask'], expected_mask)
   # The uint8 fast path blends in 1/16-pixel steps: within a few levels.
   as_uint8 = dict(element, image=np.round(element['image']).astype(np.uint8))
-  fast = T._warp(as_uint8, 2, matrix, mode)['image'].astype(np.float32)
+  fast = G._warp(as_uint8, 2, matrix, mode)['image'].astype(np.float32)
   assert np.abs(fast - expected).max() <= 6
   assert np.abs(fast - expected).mean() < 0.6
 
@@ -106,10 +108,10 @@ def test_geometric_transforms_handle_volumes():
   image = np.stack([mask.astype(np.float32),
                     rng.random(mask.shape, dtype=np.float32)], axis=-1)
   element = {'image': image, 'mask': mask}
-  flipped = _apply(T.RandomFlipRot90(axes=(1, 2)), element, 3)
+  flipped = _apply(G.RandomFlipRot90(axes=(1, 2)), element, 3)
   np.testing.assert_array_equal(flipped['image'][..., 0] == 1,
                                 flipped['mask'] == 1)
-  warped = _apply(T.RandomAffine(prob=1.0, max_rotate_degrees=20,
+  warped = _apply(G.RandomAffine(prob=1.0, max_rotate_degrees=20,
                                  axes=(1, 2)), element, 3)
   assert warped['image'].shape == image.shape
   assert warped['mask'].shape == mask.shape
@@ -119,7 +121,7 @@ def test_geometric_transforms_handle_volumes():
 @pytest.mark.parametrize('dtype', [np.uint8, np.float32])
 def test_color_jitter_changes_only_the_image_and_keeps_its_range(dtype):
   element = _marked(dtype=dtype)
-  op = T.ColorJitter(prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
+  op = I.ColorJitter(prob=1.0, brightness=0.4, contrast=0.4, saturation=0.4,
                      hue=0.1)
   out = _apply(op, element, 1)
   assert out['mask'] is element['mask']
@@ -133,20 +135,20 @@ def test_color_jitter_changes_only_the_image_and_keeps_its_range(dtype):
 def test_color_jitter_keeps_grey_grey_and_is_off_at_zero():
   grey = np.repeat(np.linspace(0, 200, 64, dtype=np.uint8)[:, None], 3, 1)
   element = {'image': grey.reshape(8, 8, 3), 'mask': np.zeros((8, 8))}
-  out = _apply(T.ColorJitter(prob=1.0, brightness=0, contrast=0,
+  out = _apply(I.ColorJitter(prob=1.0, brightness=0, contrast=0,
                              saturation=0.5, hue=0.5), element, 0)
   channels = out['image'].astype(int)
   assert np.abs(channels - channels[..., :1]).max() <= 1
   element = _marked()
-  still = _apply(T.ColorJitter(prob=1.0, brightness=0, contrast=0,
+  still = _apply(I.ColorJitter(prob=1.0, brightness=0, contrast=0,
                                saturation=0, hue=0), element, 0)
   assert np.abs(still['image'].astype(int) - element['image']).max() <= 1
 
 
 @pytest.mark.parametrize('op', [
-    T.RandomFlipRot90(),
-    T.RandomAffine(prob=0.7),
-    T.ColorJitter(prob=0.7),
+    G.RandomFlipRot90(),
+    G.RandomAffine(prob=0.7),
+    I.ColorJitter(prob=0.7),
 ], ids=lambda op: type(op).__name__)
 def test_random_transforms_are_deterministic_given_the_generator(op):
   element = _marked((32, 32))
@@ -186,8 +188,8 @@ def _aug_config(**changes):
 
 def test_build_train_transforms_follows_the_config():
   ops = T.build_train_transforms(_aug_config(), (0.5,) * 3, (0.25,) * 3)
-  assert [type(op) for op in ops] == [T.RandomFlipRot90, T.RandomAffine,
-                                      T.ColorJitter, T.Normalize]
+  assert [type(op) for op in ops] == [G.RandomFlipRot90, G.RandomAffine,
+                                      I.ColorJitter, T.Normalize]
   off = _aug_config(flip=False, rot90=False, affine_prob=0.0, color_prob=0.0)
   assert [type(op) for op in T.build_train_transforms(off, 0.5, 0.25)] == [
       T.Normalize]

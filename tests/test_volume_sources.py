@@ -361,7 +361,8 @@ def test_corrupt_disk_cache_entry_is_recomputed(tmp_path):
 
 def test_memory_cache_is_capped_and_thread_safe(tmp_path):
   root = make_msd(str(tmp_path / 'Task'), n=4)
-  cfg = data_cfg(root, cache_memory_mb=2 * 5 * 7 * 6 * 9 / 2**20)  # 2 cases.
+  # 2 cases: image (2 float32 channels) and mask per voxel, and the spacing.
+  cfg = data_cfg(root, cache_memory_mb=2 * (5 * 7 * 6 * 9 + 3 * 8) / 2**20)
   source = volume_sources.build_nifti_source(cfg)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     records = list(pool.map(source.__getitem__, [0, 1, 2, 3] * 5))

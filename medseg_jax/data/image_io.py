@@ -19,7 +19,7 @@ their indices; RGB masks whose three channels are equal become one channel)
 and are turned into class indices by `map_labels` (the shared data contract's
 `config.data.label_values` rule).
 
-Errors about a file are `volume_io.FileError(path, reason)`, the error every
+Errors about a file are `errors.FileError(path, reason)`, the error every
 data source uses, so a data-set check can list them with their file.
 """
 
@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 from PIL import UnidentifiedImageError
 
-from medseg_jax.data.volume_io import FileError
+from medseg_jax import fileio
+from medseg_jax.data.errors import FileError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 _LOSSY = ('.jpg', '.jpeg')
@@ -324,7 +325,7 @@ def resize_mask(mask: np.ndarray, size) -> np.ndarray:
 
 def write_mask_png(path: str, mask: np.ndarray, num_classes: int = 1,
                    label_values=()) -> None:
-  """Writes class indices `[H, W]` as a PNG, atomically (temp file + rename).
+  """Writes class indices `[H, W]` as a PNG, atomically (`fileio.atomic_write`).
 
   Args:
     path: the .png file to write.
@@ -351,11 +352,5 @@ def write_mask_png(path: str, mask: np.ndarray, num_classes: int = 1,
   else:
     out = mask.astype(np.int64)
   out = out.astype(np.uint8 if out.max(initial=0) < 256 else np.uint16)
-  tmp = f'{path}.{os.getpid()}.tmp'  # open() honours the umask; mkstemp not.
-  try:
-    with open(tmp, 'wb') as f:
-      Image.fromarray(out).save(f, format='PNG')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with fileio.atomic_write(path, 'wb', make_dirs=False) as f:
+    Image.fromarray(out).save(f, format='PNG')

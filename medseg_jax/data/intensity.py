@@ -1,25 +1,24 @@
-"""Intensity and elastic augmentation (nnU-Net style), 2D or 3D, for Grain.
+"""Photometric and intensity augmentation: only the image changes, 2D or 3D.
 
-Elements are those of `transforms.py`: `image` `[*spatial, C]` and `mask`
-(and/or `label`) `[*spatial]`; the number of spatial axes is read from the
-mask (or `image.ndim - 1`). `RandomGamma`, `GaussianNoise`, `GaussianBlur`
-and `BrightnessContrast` change only `image`, per channel; `ElasticDeform`
-moves image and class maps together. Every random number comes from the
-`np.random.Generator` Grain (or `pipeline._LoadAndTransform`) passes; as in
-`transforms.py`, scalar parameters are drawn whether or not the `prob` coin
-says to apply (the elastic field, a large array, only when it does).
+`ColorJitter` (brightness, contrast, saturation, hue of photographs, as in
+torchvision) and nnU-Net's intensity transforms: `GaussianNoise`,
+`GaussianBlur`, `BrightnessContrast` and `RandomGamma`, per channel. Elements
+are those of `elements.py`; class maps pass through untouched. Every random
+number comes from the `np.random.Generator` Grain (or
+`pipeline._LoadAndTransform`) passes; scalar parameters are drawn whether or
+not the `prob` coin says to apply.
 
-Image dtypes: these transforms are meant for float images (z-scored volumes,
-no fixed range, so nothing is clipped). A uint8 image (a photograph) is
-converted to float32 in [0, 1] (x / 255) by the intensity transforms and
-returned as float32: `Normalize` does not rescale float images, so the
-normalised result is on the same scale as for the uint8 path.
-`ElasticDeform`, a geometric transform, keeps uint8 as uint8 (rounded), like
-`transforms.RandomAffine`.
+Image dtypes: `ColorJitter` keeps uint8 as uint8. The intensity transforms
+are meant for float images (z-scored volumes, no fixed range, so nothing is
+clipped); a uint8 image (a photograph) is converted to float32 in [0, 1]
+(x / 255) and returned as float32: `Normalize` does not rescale float images,
+so the normalised result is on the same scale as for the uint8 path.
 
-`build_intensity_transforms(config.data.augment)` returns the enabled ones, in
-nnU-Net's order: elastic, noise, blur, brightness/contrast, gamma. They go
-after the geometric transforms and before `Normalize`.
+`build_color_transforms(config.data.augment)` returns [ColorJitter] when
+enabled (photographs only; see `pipeline.train_transforms`), and
+`build_intensity_transforms` the enabled intensity transforms in nnU-Net's
+order: noise, blur, brightness/contrast, gamma. They go after the geometric
+transforms and before `Normalize`.
 """
 
 import dataclasses
@@ -29,30 +28,13 @@ import grain
 import numpy as np
 from scipy import ndimage
 
-_CLASS_KEYS = ('mask', 'label')
-# Padding names (those of transforms.RandomAffine) -> scipy.ndimage modes.
-# Defined here so that transforms.py can import this module.
-_SCIPY_MODES = {'reflect': 'reflect', 'nearest': 'nearest',
-                'constant': 'grid-constant'}
+from medseg_jax.data import blas
+from medseg_jax.data import elements
 
-
-def _spatial_ndim(element) -> int:
-  for key in _CLASS_KEYS:
-    if key in element:
-      return np.ndim(element[key])
-  return np.ndim(element['image']) - 1
-
-
-def _check_prob(name: str, value: float):
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f'{name}={value} must be a probability in [0, 1].')
-
-
-def _check_range(name: str, value, low: float = 0.0):
-  lo, hi = value
-  if not low <= lo <= hi:
-    raise ValueError(f'{name}={tuple(value)} must be (min, max) with '
-                     f'{low} <= min <= max.')
+_LUMA = np.array([0.299, 0.587, 0.114])
+_check_prob = elements.check_prob
+_check_range = elements.check_range
+_with_image = elements.with_image
 
 
 def _float_image(image) -> np.ndarray:
@@ -63,10 +45,98 @@ def _float_image(image) -> np.ndarray:
   return image.astype(np.float32, copy=False)
 
 
-def _with_image(element, image) -> dict:
-  out = dict(element)
-  out['image'] = image
-  return out
+def _hue_matrix(turns: float) -> np.ndarray:
+  """Returns the RGB matrix rotating hue by `turns` of a circle (in YIQ)."""
+  to_yiq = np.array([[0.299, 0.587, 0.114],
+                     [0.596, -0.274, -0.322],
+                     [0.211, -0.523, 0.312]])
+  c, s = math.cos(2 * math.pi * turns), math.sin(2 * math.pi * turns)
+  rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+  return np.linalg.inv(to_yiq) @ rot @ to_yiq
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorJitter(grain.transforms.RandomMap):
+  """Random brightness, contrast, saturation and hue of the image only.
+
+  Factors are drawn as in torchvision: brightness and contrast and saturation
+  factors uniform in [1 - x, 1 + x], hue shift uniform in [-hue, hue] turns;
+  applied in that fixed order. All four are linear in RGB, so they are folded
+  into one 3x3 matrix and offset (hue is a rotation about the grey axis in
+  YIQ, close to an HSV hue shift). Saturation and hue need 3 channels and are
+  skipped otherwise (e.g. MRI modalities are not colours). uint8 images stay
+  uint8 (rounded, clipped to [0, 255]); float images in [0, 1] are clipped
+  there, other float images (z-scored volumes or slices, with negative
+  values) are not clipped: clipping them to [0, 1] would erase most of them.
+
+  Attributes:
+    prob: probability of jittering an element.
+    brightness, contrast, saturation: maximum relative change, in [0, 1].
+    hue: maximum hue shift in turns, in [0, 0.5].
+  """
+  prob: float = 0.8
+  brightness: float = 0.2
+  contrast: float = 0.2
+  saturation: float = 0.1
+  hue: float = 0.02
+
+  def __post_init__(self):
+    _check_prob('ColorJitter prob (config.data.augment.color_prob)', self.prob)
+    for name in ('brightness', 'contrast', 'saturation'):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ValueError(f'ColorJitter {name}={getattr(self, name)} must be in '
+                         f'[0, 1] (config.data.augment.{name}).')
+    if not 0 <= self.hue <= 0.5:
+      raise ValueError(f'ColorJitter hue={self.hue} must be in [0, 0.5] turns '
+                       '(config.data.augment.hue).')
+
+  def random_map(self, element, rng: np.random.Generator):
+    """Returns `element` with a colour-jittered `image` (mask untouched)."""
+    apply = rng.random() < self.prob
+    b, c, s = (rng.uniform(1 - x, 1 + x)
+               for x in (self.brightness, self.contrast, self.saturation))
+    turns = rng.uniform(-self.hue, self.hue)
+    if not apply:
+      return element
+    image = np.asarray(element['image'])
+    channels = image.shape[-1]
+    top = 255.0 if image.dtype == np.uint8 else 1.0
+    flat = image.reshape(-1, channels).astype(np.float32)
+    clip = image.dtype == np.uint8 or (flat.min() >= 0 and flat.max() <= 1)
+    mean = _channel_means(flat)
+    if channels == 3:
+      grey = float(mean @ _LUMA) * b
+      sat = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), _LUMA)
+      color = _hue_matrix(turns) @ sat
+    else:
+      grey = float(mean.mean()) * b
+      color = np.eye(channels)
+    # x -> color (c * b * x + (1 - c) * grey): brightness, contrast, colour.
+    matrix = (c * b) * color
+    offset = color @ np.full(channels, (1 - c) * grey)
+    jittered = blas.single_thread_matmul(flat, matrix.T.astype(np.float32))
+    jittered = elements.add_per_channel(jittered.reshape(image.shape), offset)
+    if clip:
+      np.clip(jittered, 0.0, top, out=jittered)
+    if image.dtype == np.uint8:
+      jittered = np.rint(jittered, out=jittered)
+    out = dict(element)
+    out['image'] = jittered.astype(image.dtype)
+    return out
+
+
+def _channel_means(flat: np.ndarray) -> np.ndarray:
+  """Returns the column means of float32 [N, C] (float64 [C]).
+
+  Sums blocks of 64 rows as one long row first: NumPy reduces a long inner
+  axis many times faster than the outer axis of an [N, 3] array.
+  """
+  n, channels = flat.shape
+  head = n // 64 * 64
+  total = flat[:head].reshape(-1, 64 * channels).sum(axis=0, dtype=np.float64)
+  total = total.reshape(64, channels).sum(axis=0)
+  total += flat[head:].sum(axis=0, dtype=np.float64)
+  return total / max(n, 1)
 
 
 def draw_gamma(rng: np.random.Generator, gamma_range) -> float:
@@ -250,147 +320,44 @@ class BrightnessContrast(grain.transforms.RandomMap):
     return _with_image(element, out)
 
 
-def _gaussian_sq_sum(sigma: float) -> float:
-  """Returns sum(w ** 2) of scipy's normalised 1D Gaussian kernel."""
-  radius = int(4.0 * sigma + 0.5)
-  w = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-  w /= w.sum()
-  return float((w * w).sum())
-
-
-def elastic_displacement(rng: np.random.Generator, shape, alpha: float,
-                         sigma: float) -> np.ndarray:
-  """Returns a random smooth displacement field, float32 [ndim, *shape].
-
-  The classic elastic field (Simard et al. 2003; batchgenerators, MONAI):
-  per axis, alpha * gaussian_filter(uniform(-1, 1), sigma), in voxels. It is
-  computed on a grid coarser by f = max(1, sigma // 2) with sigma / f, scaled
-  by the exact ratio of the two kernels' norms (same standard deviation) and
-  interpolated linearly: the same field statistics for a fraction of the
-  cost of a full-resolution filter.
+def build_color_transforms(aug_cfg) -> list:
+  """Returns [ColorJitter] if `config.data.augment` enables it, else [].
 
   Args:
-    rng: source of randomness.
-    shape: spatial shape.
-    alpha: magnitude (scales the displacement).
-    sigma: smoothness in voxels (the field's correlation length).
+    aug_cfg: `config.data.augment` (ConfigDict, dict or None) with
+      color_prob, brightness, contrast, saturation, hue; a missing or zero
+      color_prob, or all amounts zero, is off.
   """
-  nd = len(shape)
-  factor = max(1, int(sigma // 2))
-  coarse = tuple(max(1, math.ceil(n / factor)) for n in shape)
-  coarse_sigma = sigma / factor
-  gain = alpha * math.sqrt(_gaussian_sq_sum(sigma) /
-                           _gaussian_sq_sum(coarse_sigma)) ** nd
-  zoom = [n / c for n, c in zip(shape, coarse)]
-  fields = []
-  for _ in range(nd):
-    field = ndimage.gaussian_filter(rng.uniform(-1.0, 1.0, coarse),
-                                    coarse_sigma, mode='constant')
-    field *= gain
-    if factor > 1:
-      field = ndimage.zoom(field, zoom, order=1, mode='nearest',
-                           grid_mode=True)
-    fields.append(field.astype(np.float32))
-  return np.stack(fields)
+  def get(name, default=0.0):
+    return elements.config_field(aug_cfg, name, default)
 
-
-@dataclasses.dataclass(frozen=True)
-class ElasticDeform(grain.transforms.RandomMap):
-  """Random elastic deformation of image and class maps together.
-
-  Every voxel samples the input at its position plus
-  `elastic_displacement(alpha, sigma)`, image channels (multi)linearly and
-  class maps by nearest neighbour (scipy.ndimage.map_coordinates, order 1 and
-  0), on the same coordinates, so they stay aligned. alpha = 0 is the
-  identity. The displacement's standard deviation per axis is about
-  alpha * 0.58 * (2 sqrt(pi) sigma) ** (-ndim / 2) voxels: e.g. 2.5 voxels
-  for 3D alpha=900, sigma=10 (nnU-Net v1's largest), 15 pixels for 2D.
-
-  Attributes:
-    prob: probability of transforming an element.
-    alpha: magnitude of the displacement.
-    sigma: smoothness of the displacement, in voxels.
-    mode: how samples outside the array are filled, as in
-      `transforms.RandomAffine`: 'reflect', 'nearest' or 'constant'.
-  """
-  prob: float = 0.2
-  alpha: float = 0.0
-  sigma: float = 10.0
-  mode: str = 'reflect'
-
-  def __post_init__(self):
-    _check_prob('ElasticDeform prob (config.data.augment.elastic_prob)',
-                self.prob)
-    if self.alpha < 0 or self.sigma <= 0:
-      raise ValueError(
-          f'ElasticDeform needs alpha >= 0 and sigma > 0 (config.data.augment.'
-          f'elastic_alpha, elastic_sigma), got {self.alpha}, {self.sigma}.')
-    if self.mode not in _SCIPY_MODES:
-      raise ValueError(f'ElasticDeform mode={self.mode!r}; expected one of '
-                       f'{tuple(_SCIPY_MODES)}.')
-
-  def random_map(self, element, rng: np.random.Generator):
-    """Returns a deformed copy of `element` (same keys, shapes and dtypes)."""
-    if rng.random() >= self.prob:
-      return element
-    nd = _spatial_ndim(element)
-    image = np.asarray(element['image'])
-    shape = image.shape[:nd]
-    coords = elastic_displacement(rng, shape, self.alpha, self.sigma)
-    for axis, n in enumerate(shape):
-      coords[axis] += np.arange(n, dtype=np.float32).reshape(
-          (-1,) + (1,) * (nd - axis - 1))
-    mode = _SCIPY_MODES[self.mode]
-    channels = [ndimage.map_coordinates(image[..., c].astype(np.float32),
-                                        coords, order=1, mode=mode)
-                for c in range(image.shape[-1])]
-    warped = np.stack(channels, axis=-1)
-    if image.dtype == np.uint8:
-      warped = np.clip(np.rint(warped), 0, 255)
-    out = _with_image(element, warped.astype(image.dtype))
-    for key in _CLASS_KEYS:
-      if key in element:
-        out[key] = ndimage.map_coordinates(np.asarray(element[key]), coords,
-                                           order=0, mode=mode)
-    return out
-
-
-def _get(cfg, name: str, default):
-  """Returns cfg.name (or cfg[name]), or `default` where cfg lacks it."""
-  if cfg is None:
-    return default
-  try:
-    value = getattr(cfg, name)
-  except (AttributeError, KeyError):
-    value = cfg.get(name, default) if hasattr(cfg, 'get') else default
-  return default if value is None else value
+  color_prob = float(get('color_prob'))
+  amounts = {k: float(get(k)) for k in ('brightness', 'contrast', 'saturation',
+                                        'hue')}
+  if color_prob > 0 and any(amounts.values()):
+    return [ColorJitter(prob=color_prob, **amounts)]
+  return []
 
 
 def build_intensity_transforms(aug_cfg) -> list:
-  """Returns the enabled intensity/elastic transforms of `config.data.augment`.
+  """Returns the enabled intensity transforms of `config.data.augment`.
 
   Args:
     aug_cfg: `config.data.augment` (ConfigDict, dict or None) with gamma_prob,
       gamma_range, [gamma_invert_prob], noise_prob, noise_std, blur_prob,
-      blur_sigma, intensity_prob, intensity_scale, elastic_prob,
-      elastic_alpha, elastic_sigma. A missing or zero probability (or
-      elastic_alpha) turns that transform off; other missing amounts take
-      the defaults of the data contract (noise_std 0.1, blur_sigma (0.5, 1),
+      blur_sigma, intensity_prob, intensity_scale. A missing or zero
+      probability turns that transform off; other missing amounts take the
+      defaults of the data contract (noise_std 0.1, blur_sigma (0.5, 1),
       intensity_scale 0.25, gamma_range (0.7, 1.5)); a zero amount is off.
 
   Returns:
-    A list, in this order, of those enabled: ElasticDeform, GaussianNoise,
-    GaussianBlur, BrightnessContrast, RandomGamma.
+    A list, in this order, of those enabled: GaussianNoise, GaussianBlur,
+    BrightnessContrast, RandomGamma.
   """
   def get(name, default=0.0):
-    return _get(aug_cfg, name, default)
+    return elements.config_field(aug_cfg, name, default)
 
   ops = []
-  elastic_prob, alpha = float(get('elastic_prob')), float(get('elastic_alpha'))
-  if elastic_prob > 0 and alpha > 0:
-    ops.append(ElasticDeform(prob=elastic_prob, alpha=alpha,
-                             sigma=float(get('elastic_sigma')),
-                             mode=str(get('elastic_mode', 'reflect'))))
   noise_prob, noise_std = float(get('noise_prob')), float(get('noise_std', 0.1))
   if noise_prob > 0 and noise_std > 0:
     ops.append(GaussianNoise(prob=noise_prob, noise_std=noise_std))

@@ -19,6 +19,9 @@ import re
 import numpy as np
 
 from medseg_jax.data import volume_io
+from medseg_jax.data.errors import broken_link_reason
+from medseg_jax.data.errors import is_broken_link
+from medseg_jax.data.errors import Problem
 
 AFFINE_RTOL, AFFINE_ATOL = 1e-5, 1e-3  # Image vs label affines (mm, cosines).
 _NNUNET_NAME = re.compile(r'^(?P<case>.+)_(?P<channel>\d{4})$')
@@ -26,7 +29,7 @@ _NNUNET_NAME = re.compile(r'^(?P<case>.+)_(?P<channel>\d{4})$')
 
 def nifti_options(data_cfg) -> dict:
   """Returns `config.data.nifti` as a dict ({} when absent)."""
-  sub = data_cfg.get('nifti', None)
+  sub = data_cfg.get('nifti', None)  # Not in configs/default.py.
   return dict(sub) if sub else {}
 
 
@@ -45,7 +48,7 @@ class Scan:
   channel_names: tuple[str, ...] = ()
   class_names: tuple[str, ...] = ()  # Classes 0..K-1, background first.
   cases: list = dataclasses.field(default_factory=list)
-  problems: list = dataclasses.field(default_factory=list)  # (path, reason)
+  problems: list = dataclasses.field(default_factory=list)  # [Problem]
 
 
 def _strip_nifti(name: str) -> str:
@@ -74,11 +77,12 @@ def _names_by_index(mapping, path: str, what: str, problems) -> tuple:
         raise ValueError('region-based labels (lists) are not supported')
       pairs = {int(v): str(k) for k, v in mapping.items()}
   except (ValueError, TypeError, AttributeError) as e:
-    problems.append((path, f'"{what}" is not a map of indices to names: {e}.'))
+    problems.append(Problem(
+        path, f'"{what}" is not a map of indices to names: {e}.'))
     return ()
   if sorted(pairs) != list(range(len(pairs))) or not pairs:
-    problems.append((path, f'"{what}" indices {sorted(pairs)} are not '
-                           '0, 1, ..., n-1.'))
+    problems.append(Problem(path, f'"{what}" indices {sorted(pairs)} are not '
+                                  '0, 1, ..., n-1.'))
     return ()
   return tuple(pairs[i] for i in range(len(pairs)))
 
@@ -89,8 +93,8 @@ def _msd_cases(root, meta, json_path, problems) -> list:
   if isinstance(meta.get('training'), list):
     for entry in meta['training']:
       if not isinstance(entry, dict) or 'image' not in entry:
-        problems.append((json_path, f'"training" entry {entry!r} has no '
-                                    '"image".'))
+        problems.append(Problem(json_path, f'"training" entry {entry!r} has no '
+                                           '"image".'))
         continue
       image = os.path.normpath(os.path.join(root, entry['image']))
       label = os.path.normpath(os.path.join(root, entry.get('label') or (
@@ -102,10 +106,14 @@ def _msd_cases(root, meta, json_path, problems) -> list:
              for n in _listdir(os.path.join(root, 'imagesTr'))]
   cases = []
   for image, label in pairs:
-    if not os.path.isfile(image):
-      problems.append((image, 'image listed in dataset.json does not exist.'))
+    if is_broken_link(image) or is_broken_link(label):
+      link = image if is_broken_link(image) else label
+      problems.append(Problem(link, broken_link_reason(link)))
+    elif not os.path.isfile(image):
+      problems.append(Problem(
+          image, 'image listed in dataset.json does not exist.'))
     elif not os.path.isfile(label):
-      problems.append((image, f'no label: expected {label}.'))
+      problems.append(Problem(image, f'no label: expected {label}.'))
     else:
       cases.append(Case(_strip_nifti(os.path.basename(image)), (image,), label))
   return cases
@@ -114,35 +122,44 @@ def _msd_cases(root, meta, json_path, problems) -> list:
 def _nnunet_cases(root, ending, channels, json_path, problems) -> list:
   """Returns [Case] of an nnU-Net data set (one file per channel)."""
   if ending not in volume_io.NIFTI_SUFFIXES:
-    problems.append((json_path, f'file_ending {ending!r} is not supported; '
-                                'only NIfTI (.nii.gz, .nii).'))
+    problems.append(Problem(json_path, f'file_ending {ending!r} is not '
+                            'supported; only NIfTI (.nii.gz, .nii).'))
     return []
   images_dir = os.path.join(root, 'imagesTr')
   found = collections.defaultdict(dict)
+  broken = set()  # Cases with a broken link, reported once as such.
   for name in _listdir(images_dir, ending):
+    path = os.path.join(images_dir, name)
     match = _NNUNET_NAME.match(name[:-len(ending)])
+    if is_broken_link(path):
+      problems.append(Problem(path, broken_link_reason(path)))
+      broken.add(match['case'] if match else name)
+      continue
     if not match:
-      problems.append((os.path.join(images_dir, name), 'not named '
-                       f'<case>_<4-digit channel>{ending} (nnU-Net layout).'))
+      problems.append(Problem(
+          os.path.join(images_dir, name),
+          f'not named <case>_<4-digit channel>{ending} (nnU-Net layout).'))
       continue
     found[match['case']][int(match['channel'])] = os.path.join(images_dir,
                                                                name)
   cases = []
-  for case_id in sorted(found):
+  for case_id in sorted(set(found) - broken):
     files = found[case_id]
     missing = [c for c in range(channels) if c not in files]
     extra = sorted(c for c in files if c >= channels)
     label = os.path.join(root, 'labelsTr', case_id + ending)
     where = os.path.join(images_dir, f'{case_id}_XXXX{ending}')
     if missing:
-      problems.append((where, 'missing channel file(s) ' + ', '.join(
+      problems.append(Problem(where, 'missing channel file(s) ' + ', '.join(
           f'{case_id}_{c:04d}{ending}' for c in missing) +
-                       f' (dataset.json lists {channels} channels).'))
+                              f' (dataset.json lists {channels} channels).'))
     elif extra:
-      problems.append((files[extra[0]], f'channel {extra[0]} beyond the '
-                       f'{channels} channels of dataset.json.'))
+      problems.append(Problem(files[extra[0]], f'channel {extra[0]} beyond the '
+                              f'{channels} channels of dataset.json.'))
+    elif is_broken_link(label):
+      problems.append(Problem(label, broken_link_reason(label)))
     elif not os.path.isfile(label):
-      problems.append((files[0], f'no label: expected {label}.'))
+      problems.append(Problem(files[0], f'no label: expected {label}.'))
     else:
       cases.append(Case(case_id, tuple(files[c] for c in range(channels)),
                         label))
@@ -158,8 +175,8 @@ def scan_dataset(root: str) -> Scan:
   scan = Scan()
   json_path = os.path.join(root, 'dataset.json')
   if not os.path.isdir(root):
-    scan.problems.append((root, 'data folder does not exist '
-                                '(config.data.root).'))
+    scan.problems.append(Problem(root, 'data folder does not exist '
+                                       '(config.data.root).'))
     return scan
   try:
     with open(json_path) as f:
@@ -167,20 +184,22 @@ def scan_dataset(root: str) -> Scan:
     if not isinstance(meta, dict):
       raise ValueError('not a JSON object')
   except (OSError, ValueError) as e:
-    scan.problems.append((json_path, f'missing or invalid dataset.json ({e}); '
-                                     'the MSD and nnU-Net layouts need one.'))
+    scan.problems.append(Problem(
+        json_path, f'missing or invalid dataset.json ({e}); the MSD and '
+        'nnU-Net layouts need one.'))
     return scan
   if 'channel_names' in meta or 'file_ending' in meta:
     scan.layout, names_key = 'nnunet', 'channel_names'
   elif 'modality' in meta:
     scan.layout, names_key = 'msd', 'modality'
   else:
-    scan.problems.append((json_path, 'has neither "modality" (MSD) nor '
-                                     '"channel_names" (nnU-Net).'))
+    scan.problems.append(Problem(json_path, 'has neither "modality" (MSD) nor '
+                                            '"channel_names" (nnU-Net).'))
     return scan
   for key in (names_key, 'labels'):
     if not isinstance(meta.get(key), dict):
-      scan.problems.append((json_path, f'"{key}" is missing or not a map.'))
+      scan.problems.append(Problem(json_path,
+                                   f'"{key}" is missing or not a map.'))
       return scan
   scan.channel_names = _names_by_index(meta[names_key], json_path, names_key,
                                        scan.problems)
@@ -193,8 +212,8 @@ def scan_dataset(root: str) -> Scan:
                                len(scan.channel_names), json_path,
                                scan.problems)
   if not scan.cases and not scan.problems:
-    scan.problems.append((os.path.join(root, 'imagesTr'),
-                          'empty data set: no training case found.'))
+    scan.problems.append(Problem(os.path.join(root, 'imagesTr'),
+                                 'empty data set: no training case found.'))
   return scan
 
 
@@ -204,14 +223,14 @@ def read_patients_csv(path: str, case_ids) -> tuple[dict, list]:
     with open(path, newline='') as f:
       rows = list(csv.DictReader(f))
   except OSError as e:
-    return {}, [(path, f'cannot read the patients CSV ({e}).')]
+    return {}, [Problem(path, f'cannot read the patients CSV ({e}).')]
   if not rows or not {'case_id', 'patient_id'} <= set(rows[0]):
-    return {}, [(path, 'patients CSV needs columns case_id,patient_id.')]
+    return {}, [Problem(path, 'patients CSV needs columns case_id,patient_id.')]
   mapping = {r['case_id'].strip(): r['patient_id'].strip() for r in rows}
   missing = [c for c in case_ids if not mapping.get(c)]
   if missing:
-    return mapping, [(path, f'{len(missing)} case(s) have no patient_id, e.g. '
-                            f'{", ".join(missing[:5])}.')]
+    return mapping, [Problem(path, f'{len(missing)} case(s) have no '
+                             f'patient_id, e.g. {", ".join(missing[:5])}.')]
   return mapping, []
 
 
@@ -285,25 +304,25 @@ def _same_geometry(ref, other, ref_path, other_path):
 
 
 def _case_problems(case: Case, num_classes, label_values, channels) -> list:
-  """Returns the (path, reason) problems of one case's files (all read)."""
+  """Returns the problems of one case's files (all read)."""
   try:
     image, raw, _ = read_case_arrays(case)
   except volume_io.FileError as e:
-    return [(e.path, e.reason)]
+    return [e.problem()]
   problems = []
   if channels and image.shape[-1] != channels:
-    problems.append((case.images[0], f'{image.shape[-1]} channel(s), but '
-                                     f'dataset.json lists {channels}.'))
+    problems.append(Problem(case.images[0], f'{image.shape[-1]} channel(s), '
+                            f'but dataset.json lists {channels}.'))
   if not np.isfinite(image).all():
-    problems.append((case.images[0], 'image has NaN or inf values.'))
+    problems.append(Problem(case.images[0], 'image has NaN or inf values.'))
   try:
     to_class_map(raw, num_classes, label_values, case.label)
   except volume_io.FileError as e:
-    problems.append((e.path, e.reason))
+    problems.append(e.problem())
   return problems
 
 
-def find_problems_3d(data_cfg) -> list[tuple[str, str]]:
+def find_problems_3d(data_cfg) -> list[Problem]:
   """Lists every problem of a `nifti` data set at once; writes nothing.
 
   Checks: dataset.json missing/invalid, layout (missing labels, missing
@@ -319,38 +338,52 @@ def find_problems_3d(data_cfg) -> list[tuple[str, str]]:
     data_cfg: config.data (as for `build_nifti_source`).
 
   Returns:
-    [(path, reason)] tuples (`check.Problem(*t)` each), empty when the
-    data set is usable.
+    [Problem], empty when the data set is usable.
   """
-  if not data_cfg.get('root', ''):
-    return [('config.data.root', "not set; source 'nifti' needs the folder "
-             'holding dataset.json, imagesTr/ and labelsTr/.')]
-  root = os.path.abspath(data_cfg.get('root'))
+  if not data_cfg.root:
+    return [Problem('config.data.root', "not set; source 'nifti' needs the "
+                    'folder holding dataset.json, imagesTr/ and labelsTr/.')]
+  root = os.path.abspath(data_cfg.root)
   scan = scan_dataset(root)
   problems = list(scan.problems)
   json_path = os.path.join(root, 'dataset.json')
-  num_classes = int(data_cfg.get('num_classes', 1))
-  k = len(scan.class_names)
-  if k and max(2, num_classes) != k:
-    problems.append((json_path, f'{k} labels {list(scan.class_names)} but '
-                                f'config.data.num_classes={num_classes}; set '
-                                f'it to {1 if k == 2 else k}.'))
-  context = (int(data_cfg.get('slice_context', 0))
-             if data_cfg.get('volume_mode', '3d') == '2d' else 0)
+  num_classes = int(data_cfg.num_classes)
+  problems += num_classes_problems(scan, root, num_classes)
+  context = (int(data_cfg.slice_context)
+             if data_cfg.volume_mode == '2d' else 0)
   want = len(scan.channel_names) * (2 * context + 1)
-  have = data_cfg.get('in_channels', None)
-  if scan.channel_names and have is not None and int(have) != want:
-    problems.append((json_path, f'{len(scan.channel_names)} channel(s) '
-                                f'{list(scan.channel_names)} (x '
-                                f'{2 * context + 1}'
-                                f' slices) but config.data.in_channels={have}; '
-                                f'set it to {want}.'))
+  have = int(data_cfg.in_channels)
+  if scan.channel_names and have != want:
+    problems.append(Problem(json_path, (
+        f'{len(scan.channel_names)} channel(s) {list(scan.channel_names)} '
+        f'(x {2 * context + 1} slices) but config.data.in_channels={have}; '
+        f'set it to {want}.')))
   patients_csv = nifti_options(data_cfg).get('patients_csv', '')
   if patients_csv and scan.cases:
     problems += read_patients_csv(os.path.join(root, patients_csv),
                                   [c.case_id for c in scan.cases])[1]
-  label_values = tuple(data_cfg.get('label_values', ()))
+  label_values = tuple(data_cfg.label_values)
   for case in scan.cases:
     problems += _case_problems(case, num_classes, label_values,
                                len(scan.channel_names))
   return problems
+
+
+def num_classes_problems(scan: Scan, root: str, num_classes: int
+                         ) -> list[Problem]:
+  """Returns a problem if dataset.json's labels are not K classes.
+
+  Args:
+    scan: what `scan_dataset(root)` found.
+    root: the data folder.
+    num_classes: config.data.num_classes (1 stands for 2 labels).
+
+  Returns:
+    [] or one Problem naming dataset.json and the value to set.
+  """
+  k = len(scan.class_names)
+  if not k or max(2, int(num_classes)) == k:
+    return []
+  return [Problem(os.path.join(root, 'dataset.json'), (
+      f'{k} labels {list(scan.class_names)} but config.data.num_classes='
+      f'{num_classes}; set it to {1 if k == 2 else k}.'))]

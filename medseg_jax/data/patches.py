@@ -249,6 +249,18 @@ class ForegroundPatch(grain.transforms.Map):
                 self.patch_size)
 
 
+def patch_size(data_cfg) -> tuple[int, ...]:
+  """Returns `config.data.patch_size` as a tuple of ints; () = whole images.
+
+  Args:
+    data_cfg: `config.data`.
+
+  Returns:
+    (D, H, W) or (H, W) patch, or () when training on whole images/slices.
+  """
+  return tuple(int(s) for s in (data_cfg.patch_size or ()))
+
+
 def build_patch_transforms(data_cfg, training: bool) -> list:
   """Returns the patch transform for `config.data`, or [] for whole images.
 
@@ -257,10 +269,9 @@ def build_patch_transforms(data_cfg, training: bool) -> list:
       `foreground_oversample`.
     training: [RandomPatch] if True, else [ForegroundPatch].
   """
-  patch_size = tuple(data_cfg.get('patch_size', ()) or ())
-  if not patch_size:
+  size = patch_size(data_cfg)
+  if not size:
     return []
   if training:
-    return [RandomPatch(patch_size, float(
-        data_cfg.get('foreground_oversample', 0.33)))]
-  return [ForegroundPatch(patch_size)]
+    return [RandomPatch(size, float(data_cfg.foreground_oversample))]
+  return [ForegroundPatch(size)]

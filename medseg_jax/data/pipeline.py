@@ -14,10 +14,10 @@ This module imports no JAX: process index/count are passed in.
 import dataclasses
 from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
 
+from medseg_jax.data import geometric
 from medseg_jax.data import intensity
 from medseg_jax.data import patches
 from medseg_jax.data import splits as splits_lib
@@ -71,7 +71,7 @@ def build_splits(data_cfg) -> DataSplits:
   source = sources.build_source(data_cfg)
   if len(source) == 0:
     raise ValueError(f'config.data.source={data_cfg.source!r} has no records.')
-  if data_cfg.get('official_splits', False):
+  if data_cfg.official_splits:
     indices = official_split_indices(source, data_cfg)
   else:
     indices = splits_lib.split_for_config(source.patient_ids, data_cfg)
@@ -82,17 +82,19 @@ def train_transforms(data_cfg) -> list:
   """Returns the training transforms of `config.data`, in order.
 
   Patch sampling (3D/2D patches with foreground oversampling, when
-  `patch_size` is set), then geometric and (photographs only) colour
-  augmentation, then intensity/elastic augmentation (nnU-Net's order), then
+  `patch_size` is set), flips/rotations and affine, colour jitter
+  (photographs only: hue and saturation mean nothing for MRI/CT channels),
+  elastic deformation, intensity augmentation (nnU-Net's order), then
   `Normalize`.
   """
-  base = transforms_lib.build_train_transforms(data_cfg.augment,
-                                               data_cfg.mean, data_cfg.std)
-  if data_cfg.source not in sources.PHOTO_SOURCES:
-    # Hue and saturation mean nothing for MRI/CT channels.
-    base = [op for op in base if not isinstance(op, transforms_lib.ColorJitter)]
-  return (patches.build_patch_transforms(data_cfg, training=True) + base[:-1]
-          + intensity.build_intensity_transforms(data_cfg.augment) + base[-1:])
+  aug = data_cfg.augment
+  colour = (intensity.build_color_transforms(aug)
+            if sources.is_photo(data_cfg) else [])
+  return (patches.build_patch_transforms(data_cfg, training=True)
+          + geometric.build_geometric_transforms(aug) + colour
+          + geometric.build_elastic_transforms(aug)
+          + intensity.build_intensity_transforms(aug)
+          + transforms_lib.build_eval_transforms(data_cfg.mean, data_cfg.std))
 
 
 def eval_transforms(data_cfg) -> list:
@@ -175,10 +177,6 @@ def _to_iter(dataset: grain.MapDataset, data_cfg) -> grain.IterDataset:
       num_threads=max(1, data_cfg.prefetch_buffer_size),
       prefetch_buffer_size=data_cfg.prefetch_buffer_size))
   if data_cfg.worker_count > 0:
-    if not flags.FLAGS.is_parsed():
-      # Grain's workers read absl flags; outside `app.run` (notebooks, tests,
-      # other training loops) they would be unparsed and raise.
-      flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
   return iter_ds

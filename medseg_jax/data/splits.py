@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from medseg_jax.data.errors import Problem
+
 SPLITS = ('train', 'val', 'test')
 
 
@@ -113,15 +115,15 @@ def split_for_config(patient_ids: Sequence[str], data_cfg) -> dict[str, np.ndarr
 
   Args:
     patient_ids: the patient id of each record.
-    data_cfg: `config.data` (val_fraction, test_fraction, split_seed, and
-      optionally train_fraction, num_folds, fold).
+    data_cfg: `config.data` (val_fraction, test_fraction, split_seed,
+      train_fraction, num_folds, fold).
 
   Returns:
     {'train': idx, 'val': idx, 'test': idx}: sorted record indices.
   """
   seed = data_cfg.split_seed
-  train_fraction = data_cfg.get('train_fraction', 1.0)
-  num_folds = data_cfg.get('num_folds', 0)
+  train_fraction = data_cfg.train_fraction
+  num_folds = data_cfg.num_folds
   if num_folds <= 1:
     return split_patients(patient_ids, val_fraction=data_cfg.val_fraction,
                           test_fraction=data_cfg.test_fraction, seed=seed,
@@ -134,7 +136,7 @@ def split_for_config(patient_ids: Sequence[str], data_cfg) -> dict[str, np.ndarr
   rest = held_out['train']
   try:
     folds = kfold_patients([patient_ids[i] for i in rest], num_folds=num_folds,
-                           fold=data_cfg.get('fold', 0), seed=seed)
+                           fold=data_cfg.fold, seed=seed)
   except ValueError as e:
     raise ValueError(f'config.data.num_folds/fold: {e}') from e
   train_patients = _shuffled_patients(
@@ -144,3 +146,26 @@ def split_for_config(patient_ids: Sequence[str], data_cfg) -> dict[str, np.ndarr
   return {'train': _records_of(patient_ids, kept),
           'val': np.sort(rest[folds['val']]),
           'test': held_out['test']}
+
+
+def split_problems(patient_ids: Sequence[str], data_cfg) -> list[Problem]:
+  """Returns a problem if the patient split of config.data cannot be made.
+
+  Uses the pipeline's own split (`split_for_config`), so a split left empty
+  by too few patients is reported before training.
+
+  Args:
+    patient_ids: one per record.
+    data_cfg: config.data.
+
+  Returns:
+    [] or one Problem naming the config keys; [] for no records (reported
+    as an empty data set elsewhere).
+  """
+  if not len(patient_ids):
+    return []
+  try:
+    split_for_config(list(patient_ids), data_cfg)
+  except ValueError as e:
+    return [Problem('config.data', str(e))]
+  return []

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from medseg_jax.data import blas
+from medseg_jax.data import noise
 
 _IMAGE_STREAM = 0  # Seed-sequence tags: per-image and per-patient draws.
 _PATIENT_STREAM = 1
@@ -45,36 +45,18 @@ def _as_hw(image_size) -> tuple[int, int]:
   return h, w
 
 
-@functools.lru_cache(maxsize=1024)
-def _interp_matrix(n: int, cells: int, transpose: bool = False) -> np.ndarray:
-  """Returns [n, cells + 2] weights that smoothly upsample a noise grid.
-
-  Rows are Gaussian weights to the grid nodes, normalised so that i.i.d.
-  unit-variance nodes give unit variance at every output pixel.
-  """
-  pos = (np.arange(n) + 0.5) * (cells / n)  # Pixel centres in node units.
-  nodes = np.arange(cells + 2) - 0.5
-  w = np.exp(-0.5 * ((pos[:, None] - nodes[None, :]) / 0.7) ** 2)
-  w /= np.sqrt((w * w).sum(axis=1, keepdims=True))
-  w = np.ascontiguousarray(w.T if transpose else w, dtype=np.float32)
-  w.setflags(write=False)
-  return w
-
-
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, int],
                  feature: float) -> np.ndarray:
   """Returns smooth Gaussian noise, float32 [H, W], unit standard deviation.
+
+  `noise.smooth_noise`, with the 2D lesions' axis order (the last first).
 
   Args:
     rng: source of randomness.
     shape: (H, W).
     feature: typical size of its blobs, in pixels.
   """
-  h, w = shape
-  cy = max(1, math.ceil(h / feature))
-  cx = max(1, math.ceil(w / feature))
-  grid = rng.standard_normal((cy + 2, cx + 2), dtype=np.float32)
-  return blas.single_thread_matmul(_interp_matrix(h, cy), blas.single_thread_matmul(grid, _interp_matrix(w, cx, True)))
+  return noise.smooth_noise(rng, shape, feature)
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:

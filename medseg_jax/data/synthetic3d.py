@@ -29,13 +29,12 @@ and 150 ms for 80x128x128 (run `python -m medseg_jax.data.synthetic3d`).
 """
 
 from collections.abc import Sequence
-import functools
 import math
 
 import numpy as np
 from scipy import ndimage
 
-from medseg_jax.data import blas
+from medseg_jax.data import noise
 
 SEQUENCES = ('t1', 't1ce', 't2', 'flair')
 # Tissue intensities per sequence before texture, bias field and noise.
@@ -63,44 +62,20 @@ def _as_dhw(volume_size) -> tuple[int, int, int]:
   return size
 
 
-@functools.lru_cache(maxsize=256)
-def _interp_matrix(n: int, cells: int) -> np.ndarray:
-  """Returns float32 [cells + 2, n] weights that smoothly upsample a grid.
-
-  Columns are Gaussian weights to the grid nodes, normalised so that i.i.d.
-  unit-variance nodes give unit variance at every output voxel.
-  """
-  pos = (np.arange(n) + 0.5) * (cells / n)
-  nodes = np.arange(cells + 2) - 0.5
-  w = np.exp(-0.5 * ((pos[None, :] - nodes[:, None]) / 0.7) ** 2)
-  w /= np.sqrt((w * w).sum(axis=0, keepdims=True))
-  w = w.astype(np.float32)
-  w.setflags(write=False)
-  return w
-
-
 def smooth_noise(rng: np.random.Generator, shape: Sequence[int],
                  feature) -> np.ndarray:
   """Returns smooth Gaussian noise, float32 `shape`, unit standard deviation.
+
+  `noise.smooth_noise` with features of at least one voxel, interpolating
+  the first axis first (the order these volumes were generated with).
 
   Args:
     rng: source of randomness.
     shape: spatial shape, any number of axes.
     feature: typical blob size in voxels, one value or one per axis.
-
-  Returns:
-    The noise field: i.i.d. normals on a coarse grid, Gaussian-interpolated
-    one axis at a time (single-threaded matmuls).
   """
-  features = np.broadcast_to(np.asarray(feature, np.float64), (len(shape),))
-  cells = [max(1, math.ceil(n / max(f, 1.0))) for n, f in zip(shape, features)]
-  field = rng.standard_normal([c + 2 for c in cells], dtype=np.float32)
-  for axis, (n, c) in enumerate(zip(shape, cells)):
-    moved = np.moveaxis(field, axis, -1)
-    flat = blas.single_thread_matmul(
-        np.ascontiguousarray(moved).reshape(-1, c + 2), _interp_matrix(n, c))
-    field = np.moveaxis(flat.reshape(moved.shape[:-1] + (n,)), -1, axis)
-  return np.ascontiguousarray(field)
+  return noise.smooth_noise(rng, shape, np.maximum(feature, 1.0),
+                            axis_order=range(len(shape)))
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -383,23 +358,37 @@ def build_synthetic3d_source(data_cfg) -> SyntheticTumours:
     ValueError: `synthetic3d.in_channels` differs from `in_channels`, or a
       value the source cannot honour.
   """
-  sub = data_cfg.get('synthetic3d', None) or {}
-  in_channels = int(data_cfg.get('in_channels', 4))
-  own = sub.get('in_channels', in_channels)
-  if int(own) != in_channels:
+  sub = data_cfg.synthetic3d
+  in_channels = int(data_cfg.in_channels)
+  if int(sub.in_channels) != in_channels:
     raise ValueError(
-        f'config.data.synthetic3d.in_channels={own} differs from '
+        f'config.data.synthetic3d.in_channels={sub.in_channels} differs from '
         f'config.data.in_channels={in_channels}: the model would see a '
         'different number of channels than the data has; set both to the '
         'same value (1 to 4).')
   return SyntheticTumours(
-      num_patients=int(sub.get('num_patients', 24)),
-      volume_size=tuple(sub.get('volume_size', (32, 64, 64))),
+      num_patients=int(sub.num_patients),
+      volume_size=tuple(sub.volume_size),
       in_channels=in_channels,
-      num_classes=int(data_cfg.get('num_classes', 4)),
-      seed=int(sub.get('seed', 0)),
+      num_classes=int(data_cfg.num_classes),
+      seed=int(sub.seed),
+      # Not in configs/default.py: tests and benchmarks set them.
       spacing=tuple(sub.get('spacing', (2.0, 1.0, 1.0))),
       size_jitter=float(sub.get('size_jitter', 0.0)))
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+  """Returns the names of classes 1..K-1 of `merge_classes(., num_classes)`.
+
+  Args:
+    num_classes: 1 to 4, as config.data.num_classes.
+
+  Returns:
+    ('oedema', 'enhancing', 'necrosis') for 4, ('oedema', 'core') for 3,
+    ('tumour',) for 1 or 2.
+  """
+  return {4: ('oedema', 'enhancing', 'necrosis'),
+          3: ('oedema', 'core')}.get(int(num_classes), ('tumour',))
 
 
 def _benchmark():

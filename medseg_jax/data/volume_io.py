@@ -32,20 +32,12 @@ import numpy as np
 import pydicom
 from pydicom import errors as dicom_errors
 
+# Re-exported: callers catch it as volume_io.FileError.
+from medseg_jax.data.errors import FileError  # pylint: disable=unused-import
+
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
 _ORIENTATION_TOL = 1e-4  # Cosines: identical within float32 text rounding.
 _SPACING_RTOL = 0.01  # Slice gaps may differ by 1% (rounding of positions).
-
-
-class FileError(ValueError):
-  """A file that cannot be used, with `path` and `reason` for problem lists."""
-
-  def __init__(self, path, reason: str):
-    super().__init__(f'{path}: {reason}')
-    self.path, self.reason = str(path), reason
-
-  def __reduce__(self):  # Picklable across Grain worker processes.
-    return FileError, (self.path, self.reason)
 
 
 @dataclasses.dataclass

@@ -21,12 +21,9 @@ every case. Records follow the shared data contract: `image` float32
 `[D, H, W, C]` after `preprocess.preprocess_case`, `mask` uint8 `[D, H, W]`,
 `spacing` after resampling (D, H, W order of `volume_io`).
 
-Decoded, preprocessed cases are cached per `config.data.cache`: 'memory' (an
-LRU of at most `config.data.cache_memory_mb` MB per process, 4096 by
-default; Grain workers hold their own), 'disk' (`.npz` files in
-`config.data.cache_dir`, default ~/.cache/medseg_jax/cases, keyed by the
-files' paths, mtimes and sizes and the preprocessing options, written
-atomically) or 'none'. Nothing is ever written under `root`.
+Decoded, preprocessed cases are cached as `config.data.cache` says
+(`cache.CaseCache`). Nothing is ever written under `root`.
+`find_problems(config.data)` is the data-set check of this source.
 
 2D mode (`config.data.volume_mode='2d'`): `SliceSource` yields one record per
 axial slice (index along D) with `slice_context` neighbours on each side as
@@ -37,116 +34,23 @@ to a common grid with `target_spacing`. Slices are not resized to
 `config.data.image_size`, which would distort anatomy and spacing.
 """
 
-import collections
-import hashlib
-import json
 import os
-import tempfile
-import threading
-import warnings
-import zipfile
 
 import numpy as np
 
+from medseg_jax.data import cache as cache_lib
+from medseg_jax.data import nifti_layout
+from medseg_jax.data import patches
 from medseg_jax.data import preprocess
+from medseg_jax.data import splits
 from medseg_jax.data import volume_io
+from medseg_jax.data.errors import Problem
 from medseg_jax.data.nifti_layout import Case
 from medseg_jax.data.nifti_layout import nifti_options
 from medseg_jax.data.nifti_layout import read_case_arrays
 from medseg_jax.data.nifti_layout import read_patients_csv
 from medseg_jax.data.nifti_layout import scan_dataset
 from medseg_jax.data.nifti_layout import to_class_map
-
-_CACHE_VERSION = 1
-
-
-def default_cache_dir() -> str:
-  """Returns ~/.cache/medseg_jax/cases (the default `config.data.cache_dir`)."""
-  return os.path.join(os.path.expanduser('~'), '.cache', 'medseg_jax', 'cases')
-
-
-class _CaseCache:
-  """Preprocessed cases in memory (byte-capped LRU) and/or on disk (.npz)."""
-
-  def __init__(self, mode: str, cache_dir: str, root: str, memory_mb: float):
-    if mode not in ('memory', 'disk', 'none'):
-      raise ValueError(f"config.data.cache={mode!r} must be 'memory', 'disk' "
-                       "or 'none'.")
-    self.mode = mode
-    self.memory_bytes = int(memory_mb * 2**20)
-    self.folder = ''
-    if mode == 'disk':
-      base = os.path.realpath(cache_dir or default_cache_dir())
-      real_root = os.path.realpath(root)
-      if os.path.commonpath([base, real_root]) == real_root:
-        raise ValueError(f'config.data.cache_dir={base} is inside the data '
-                         f'folder {real_root}, which is never written to; '
-                         'choose another folder.')
-      tag = hashlib.sha1(real_root.encode()).hexdigest()[:12]
-      self.folder = os.path.join(base, f'nifti-{tag}')
-    self._memory = collections.OrderedDict()
-    self._used = 0
-    self._lock = threading.Lock()  # Grain reads with several threads.
-
-  def __getstate__(self):
-    state = dict(self.__dict__)  # Workers start with an empty memory cache.
-    del state['_lock']
-    state['_memory'], state['_used'] = collections.OrderedDict(), 0
-    return state
-
-  def __setstate__(self, state):
-    self.__dict__.update(state)
-    self._lock = threading.Lock()
-
-  def get(self, key: str, name: str):
-    """Returns the cached (image, mask, spacing) or None."""
-    with self._lock:
-      if key in self._memory:
-        self._memory.move_to_end(key)
-        return self._memory[key]
-    if self.mode != 'disk':
-      return None
-    try:
-      with np.load(self._path(key, name)) as npz:
-        image, mask = npz['image'], npz['mask']
-        spacing = tuple(npz['spacing'].tolist())
-      for array in (image, mask):
-        array.setflags(write=False)
-      return image, mask, spacing
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-      return None  # Absent or unreadable: recomputed and rewritten.
-
-  def put(self, key: str, name: str, value):
-    """Stores (image, mask, spacing) in memory or atomically on disk."""
-    if self.mode == 'memory':
-      with self._lock:
-        if key not in self._memory:  # Another thread may have stored it.
-          self._memory[key] = value
-          self._used += value[0].nbytes + value[1].nbytes
-        while self._used > self.memory_bytes and len(self._memory) > 1:
-          _, (image, mask, _) = self._memory.popitem(last=False)
-          self._used -= image.nbytes + mask.nbytes
-    elif self.mode == 'disk':
-      try:
-        self._write(key, name, value)
-      except OSError as e:  # A full or read-only disk slows, never stops, us.
-        warnings.warn(f'Could not cache {name} in {self.folder}: {e}')
-
-  def _write(self, key: str, name: str, value):
-    """Writes a .npz next to its final name, then renames it (atomic)."""
-    os.makedirs(self.folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=self.folder, suffix='.tmp')
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        np.savez(f, image=value[0], mask=value[1],
-                 spacing=np.asarray(value[2], np.float64))
-      os.replace(tmp, self._path(key, name))
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-
-  def _path(self, key: str, name: str) -> str:
-    return os.path.join(self.folder, f'{name}-{key[:20]}.npz')
 
 
 class NiftiSource:
@@ -175,12 +79,8 @@ class NiftiSource:
     self.root = os.path.abspath(root)
     scan = scan_dataset(self.root)
     problems = list(scan.problems)
-    k = len(scan.class_names)
-    if k and max(2, int(num_classes)) != k:
-      problems.append((os.path.join(self.root, 'dataset.json'),
-                       f'{k} labels {list(scan.class_names)} but config.data.'
-                       f'num_classes={num_classes}; set it to '
-                       f'{1 if k == 2 else k}.'))
+    problems += nifti_layout.num_classes_problems(scan, self.root,
+                                                  num_classes)
     self.patient_map = {}
     if patients_csv and scan.cases:
       csv_path = os.path.join(self.root, patients_csv)
@@ -201,7 +101,8 @@ class NiftiSource:
     self._case_ids = tuple(c.case_id for c in self.cases)
     self._patient_ids = tuple(self.patient_map.get(c, c)
                               for c in self._case_ids)
-    self._cache = _CaseCache(cache, cache_dir, self.root, cache_memory_mb)
+    self._cache = cache_lib.CaseCache(cache, cache_dir, self.root,
+                                      cache_memory_mb, kind='nifti')
 
   def __len__(self) -> int:
     return len(self.cases)
@@ -220,31 +121,27 @@ class NiftiSource:
     """The patient of every record: the patients CSV's, else the case id."""
     return list(self._patient_ids)
 
-  def _key(self, case: Case) -> str:
-    """Hash of the files (path, mtime, size) and everything that shapes data."""
-    files = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size)
-             for p in (*case.images, case.label)]
-    blob = json.dumps([_CACHE_VERSION, files, self.options, self.num_classes,
-                       [float(v) for v in self.label_values]], sort_keys=True)
-    return hashlib.sha1(blob.encode()).hexdigest()
-
   def load(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple]:
     """Returns the preprocessed (image, mask, spacing) of case `index`."""
     case = self.cases[index]
-    key = self._key(case)
-    cached = self._cache.get(key, case.case_id)
-    if cached is not None:
-      return cached
+    options = [self.options, self.num_classes,
+               [float(v) for v in self.label_values]]
+    image, mask, spacing = self._cache.get_or_compute(
+        index, case.case_id,
+        lambda: cache_lib.files_key((*case.images, case.label), options),
+        lambda: self._decode(case))
+    return image, mask, tuple(spacing.tolist())
+
+  def _decode(self, case: Case) -> tuple:
+    """Reads and preprocesses a case: (image, mask, spacing as an array)."""
     image, raw, spacing = read_case_arrays(case)
     mask = to_class_map(raw, self.num_classes, self.label_values, case.label)
     try:
-      value = preprocess.preprocess_case(image, mask, spacing, self.options)
+      image, mask, spacing = preprocess.preprocess_case(image, mask, spacing,
+                                                        self.options)
     except ValueError as e:
       raise ValueError(f'{case.images[0]}: {e}') from e
-    for array in value[:2]:
-      array.setflags(write=False)  # Shared by every later access: no edits.
-    self._cache.put(key, case.case_id, value)
-    return value
+    return image, mask, np.asarray(spacing, np.float64)
 
   def __getitem__(self, index: int) -> dict:
     n = len(self)
@@ -382,24 +279,23 @@ def build_nifti_source(data_cfg):
       match the data (names the value to set), or 2D slices of several sizes
       without config.data.patch_size.
   """
-  root = data_cfg.get('root', '')
-  if not root:
+  if not data_cfg.root:
     raise ValueError("config.data.source='nifti' needs config.data.root: the "
                      'folder holding dataset.json, imagesTr/ and labelsTr/.')
   source = NiftiSource(
-      root, num_classes=int(data_cfg.get('num_classes', 1)),
-      preprocess_cfg=data_cfg.get('preprocess', None),
-      label_values=tuple(data_cfg.get('label_values', ())),
-      cache=data_cfg.get('cache', 'memory'),
-      cache_dir=data_cfg.get('cache_dir', ''),
+      data_cfg.root, num_classes=int(data_cfg.num_classes),
+      preprocess_cfg=data_cfg.preprocess,
+      label_values=tuple(data_cfg.label_values),
+      cache=data_cfg.cache, cache_dir=data_cfg.cache_dir,
       patients_csv=nifti_options(data_cfg).get('patients_csv', ''),
+      # Not in configs/default.py: a memory cap few need to change.
       cache_memory_mb=float(data_cfg.get('cache_memory_mb', 4096)))
-  mode = data_cfg.get('volume_mode', '3d')
+  mode = data_cfg.volume_mode
   if mode not in ('2d', '3d'):
     raise ValueError(f"config.data.volume_mode={mode!r} must be '2d' or '3d'.")
-  context = int(data_cfg.get('slice_context', 0)) if mode == '2d' else 0
+  context = int(data_cfg.slice_context) if mode == '2d' else 0
   want = len(source.channel_names) * (2 * context + 1)
-  have = int(data_cfg.get('in_channels', want))
+  have = int(data_cfg.in_channels)
   if have != want:
     raise ValueError(
         f'config.data.in_channels={have}, but the data set has '
@@ -409,10 +305,34 @@ def build_nifti_source(data_cfg):
   if mode == '3d':
     return source
   sizes = {shape[1:] for shape in source.shapes()}
-  if len(sizes) > 1 and not tuple(data_cfg.get('patch_size', ()) or ()):
+  if len(sizes) > 1 and not patches.patch_size(data_cfg):
     raise ValueError(
         f'volume_mode=2d: slices have {len(sizes)} different (H, W) sizes, '
         f'e.g. {sorted(sizes)[:3]}, which cannot be batched; set '
         'config.data.patch_size=(H, W) (random 2D patches, padded where a '
         'slice is smaller) or a target_spacing that gives one size.')
   return SliceSource(source, context)
+
+
+def find_problems(data_cfg) -> list[Problem]:
+  """Returns every problem of a 'nifti' data set; reads every case once.
+
+  Args:
+    data_cfg: config.data.
+
+  Returns:
+    `nifti_layout.find_problems_3d`, then split problems; [] when usable.
+  """
+  problems = nifti_layout.find_problems_3d(data_cfg)
+  if not data_cfg.root:
+    return problems
+  root = os.path.abspath(data_cfg.root)
+  case_ids = [c.case_id for c in scan_dataset(root).cases]
+  patients_csv = nifti_options(data_cfg).get('patients_csv')
+  mapping = {}
+  if patients_csv and case_ids:
+    mapping, _ = read_patients_csv(os.path.join(root, patients_csv), case_ids)
+  # A split depends only on the set of patients, so volumes stand for their
+  # slices in 2D mode.
+  return problems + splits.split_problems(
+      [mapping.get(c) or c for c in case_ids], data_cfg)
