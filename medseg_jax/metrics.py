@@ -1,11 +1,19 @@
-"""Segmentation metrics: jittable confusion counts, host-side surface metrics.
+"""Segmentation metrics: jittable confusion counts and the one reducer.
 
 On device (pure, jittable, vmappable, float32):
 
-  logits [B, *spatial, K] --predict_classes--> predictions [B, *spatial] (int32)
+  logits [B, *spatial, K] --probabilities--> probs [B, *spatial, K]
+  logits or probs         --predict_classes / labels_from_probabilities-->
+                             predictions [B, *spatial] (int32)
   (predictions, labels)   --confusion_counts--> counts [B, C, 4]: tp, fp, fn, tn
   counts [..., 4]         --dice_from_counts etc.--> metric [...]
-  counts [N, C, 4]        --summarize_counts--> {'dice': .., 'dice_global': ..}
+  counts [N, C, 4]        --case_metric_sums--> additive sums (add over batches)
+  sums                    --summarize_sums--> {'dice', 'dice_std',
+                                               'dice_global', ...}
+
+`probabilities` holds the project's one probability rule: K == 1 is binary
+with a sigmoid, K >= 2 a softmax over the classes. `CASE_METRICS` is the one
+list of per-case metric names; training logs and evaluation reports use it.
 
 Counts are sums, so counts from several devices or batches add up exactly
 (they are accumulated in int32, then cast to float32: exact below 2**24
@@ -14,22 +22,31 @@ only once, after summing. For K == 1 (binary, sigmoid) C == 1, the foreground;
 for K >= 2, C == K and class 0 is the background, which the reducers drop
 unless asked to keep it.
 
-Host side (NumPy/SciPy, spacing-aware): Hausdorff distance, HD95, ASSD,
-normalized surface Dice, ISIC thresholded Jaccard, calibration and confidence
-intervals. They live in `surface_metrics` and are re-exported here.
+NaN in, NaN out: NaN counts (a label or prediction out of range under jit)
+give NaN for every metric and every mean they enter; they never take an empty
+mask's value.
+
+Host side (NumPy/SciPy): surface distances live in `surface_metrics`,
+calibration in `calibration`, confidence intervals and the ISIC score in
+`statistics`; they are re-exported here for `from medseg_jax import metrics`.
 """
 
 from collections.abc import Mapping
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 
+from medseg_jax.calibration import (  # pylint: disable=unused-import
+    expected_calibration_error, reliability_bins)
+from medseg_jax.statistics import (  # pylint: disable=unused-import
+    isic_thresholded_jaccard, mean_confidence_interval)
 from medseg_jax.surface_metrics import (  # pylint: disable=unused-import
-    average_symmetric_surface_distance, expected_calibration_error,
-    hausdorff_distance, isic_thresholded_jaccard, mean_confidence_interval,
-    normalized_surface_dice, reliability_bins, surface_distance_metrics,
-    surface_distances, surface_voxels)
+    average_symmetric_surface_distance, hausdorff_distance,
+    normalized_surface_dice, surface_distance_metrics, surface_distances,
+    surface_voxels)
 
 COUNT_NAMES = ('tp', 'fp', 'fn', 'tn')
 
@@ -97,11 +114,48 @@ def labels_out_of_range(labels, num_classes: int, mask=None, axes=None):
   return jnp.any(bad, axis=axes)
 
 
-# ------------------------------------------------------------- on-device counts
+# ----------------------------------------------------- probabilities, labels
+
+
+def probabilities(logits):
+  """Returns class probabilities: the project's one probability rule.
+
+  Args:
+    logits: `[..., K]`, any float dtype; NumPy or JAX.
+
+  Returns:
+    float32 `[..., K]`: K == 1, the sigmoid (the single channel is the
+    foreground probability); K >= 2, the softmax over the last axis. NumPy in,
+    NumPy out (the host stays on the host); jittable.
+  """
+  if isinstance(logits, (np.ndarray, np.generic)):
+    x = np.asarray(logits, np.float32)
+    if x.shape[-1] == 1:
+      return special.expit(x)
+    return special.softmax(x, axis=-1).astype(np.float32)
+  x = jnp.asarray(logits).astype(jnp.float32)
+  return jax.nn.sigmoid(x) if x.shape[-1] == 1 else jax.nn.softmax(x, axis=-1)
+
+
+def labels_from_probabilities(probs, threshold: float = 0.5):
+  """Returns the int32 label map `[...]` of probabilities `[..., K]`.
+
+  Args:
+    probs: `probabilities` output, NumPy or JAX.
+    threshold: K == 1: a pixel is foreground when p > threshold. Ignored for
+      K >= 2 (argmax over classes).
+
+  Returns:
+    int32 `[...]`, NumPy for NumPy input; jittable.
+  """
+  xp = np if isinstance(probs, (np.ndarray, np.generic)) else jnp
+  if probs.shape[-1] == 1:
+    return (probs[..., 0] > threshold).astype(xp.int32)
+  return xp.argmax(probs, axis=-1).astype(xp.int32)
 
 
 def predict_classes(logits, threshold: float = 0.5):
-  """Returns the predicted class map.
+  """Returns the predicted class map of logits.
 
   Args:
     logits: [B, *spatial, K], any float dtype (computed in float32).
@@ -114,10 +168,11 @@ def predict_classes(logits, threshold: float = 0.5):
   if logits.ndim < 2:
     raise ValueError(f'predict_classes: logits must be [B, *spatial, K], got '
                      f'shape {tuple(logits.shape)}.')
-  x = jnp.asarray(logits).astype(jnp.float32)
-  if x.shape[-1] == 1:
-    return (jax.nn.sigmoid(x[..., 0]) > threshold).astype(jnp.int32)
-  return jnp.argmax(x, axis=-1).astype(jnp.int32)
+  probs = probabilities(jnp.asarray(logits))
+  return labels_from_probabilities(probs, threshold)
+
+
+# ------------------------------------------------------------- on-device counts
 
 
 def confusion_counts(predictions, labels, num_classes: int, *, mask=None):
@@ -172,9 +227,15 @@ def confusion_counts(predictions, labels, num_classes: int, *, mask=None):
 
 
 def _ratio(numerator, denominator, empty_value):
-  """numerator / denominator, or `empty_value` where the denominator is 0."""
+  """numerator / denominator; `empty_value` where the denominator is 0.
+
+  NaN counts give NaN: `nan > 0` is False, so without the last line a NaN
+  case would take `empty_value` (a perfect 1.0 by default).
+  """
   safe = jnp.where(denominator > 0, denominator, 1.0)
-  return jnp.where(denominator > 0, numerator / safe, empty_value)
+  value = jnp.where(denominator > 0, numerator / safe, empty_value)
+  return jnp.where(jnp.isnan(numerator) | jnp.isnan(denominator), jnp.nan,
+                   value)
 
 
 def _split(counts):
@@ -190,14 +251,14 @@ def dice_from_counts(counts, *, empty_value: float = 1.0):
 
   Rule: truth and prediction both empty (denominator 0) -> `empty_value`;
   empty truth with any false positive -> 0; empty prediction with non-empty
-  truth -> 0.
+  truth -> 0. NaN counts -> NaN (as for every `*_from_counts`).
   """
   tp, fp, fn, _ = _split(counts)
   return _ratio(2 * tp, 2 * tp + fp + fn, empty_value)
 
 
 def iou_from_counts(counts, *, empty_value: float = 1.0):
-  """IoU (Jaccard) = tp / (tp + fp + fn); same empty rule as Dice."""
+  """IoU (Jaccard) = tp / (tp + fp + fn); same empty and NaN rules as Dice."""
   tp, fp, fn, _ = _split(counts)
   return _ratio(tp, tp + fp + fn, empty_value)
 
@@ -226,61 +287,160 @@ def precision_from_counts(counts, *, empty_value: float = 1.0):
 
 
 def accuracy_from_counts(counts, *, empty_value: float = 1.0):
-  """Accuracy = (tp + tn) / (tp + fp + fn + tn); no pixel -> `empty_value`."""
+  """Accuracy = (tp + tn) / (tp + fp + fn + tn); no pixel -> `empty_value`.
+
+  Not in `CASE_METRICS`: on segmentation it mostly measures the background.
+  """
   tp, fp, fn, tn = _split(counts)
   return _ratio(tp + tn, tp + fp + fn + tn, empty_value)
 
 
+# The one list of per-case overlap metrics (training logs, reports, plots),
+# in report order, each mapping counts -> value.
 METRICS_FROM_COUNTS = {
     'dice': dice_from_counts,
     'iou': iou_from_counts,
     'sensitivity': sensitivity_from_counts,
     'specificity': specificity_from_counts,
     'precision': precision_from_counts,
-    'accuracy': accuracy_from_counts,
 }
+CASE_METRICS = tuple(METRICS_FROM_COUNTS)
 
 
-def _masked_mean(values, keep):
-  """Mean of `values` where `keep`; NaN when nothing is kept."""
-  keep = keep.astype(jnp.float32)
-  n = keep.sum()
-  total = jnp.where(keep > 0, values, 0.0).sum()
-  return jnp.where(n > 0, total / jnp.where(n > 0, n, 1.0), jnp.nan)
+# ----------------------------------------------------------- the one reducer
 
 
-def summarize_counts(counts, *, include_background: bool = False,
-                     ignore_empty: bool = False) -> Mapping[str, jax.Array]:
-  """Reduces per-case counts to scalar metrics.
+def _scored_classes(counts, include_background: bool):
+  """Drops the background class of multi-class counts unless asked not to."""
+  if counts.shape[-2] > 1 and not include_background:
+    return counts[..., 1:, :]
+  return counts
+
+
+def _has_truth(counts):
+  """True where tp + fn > 0 or the counts are NaN (NaN must stay visible)."""
+  truth = counts[..., 0] + counts[..., 2]
+  return (truth > 0) | jnp.isnan(truth)
+
+
+def _mean_where(values, keep, axis=None):
+  """Mean of `values` where `keep` (NaN values kept propagate); NaN if none."""
+  keep = jnp.broadcast_to(keep, values.shape)
+  n = keep.sum(axis=axis)
+  total = jnp.where(keep, values, 0.0).sum(axis=axis)
+  return jnp.where(n > 0, total / jnp.where(n > 0, n, 1), jnp.nan)
+
+
+def case_metric_sums(counts, valid=None, *, include_background: bool = False,
+                     ignore_empty: bool = False) -> dict[str, jax.Array]:
+  """Returns additive sums of per-case metrics: add them over batches/devices.
+
+  A case's value of a metric is the mean over its scored classes (MONAI's
+  reduction='mean': classes within a case first, then cases). Scored classes
+  are the foreground (class 0 dropped for C >= 2 unless include_background);
+  with ignore_empty, a class whose truth is empty in that case (tp + fn == 0)
+  is not scored, and a case with no scored class is left out, like MONAI's
+  `ignore_empty=True`. Otherwise empty masks follow the `*_from_counts` rules
+  (e.g. truth and prediction both empty -> Dice 1). NaN counts are always
+  scored, so they reach the means as NaN.
 
   Args:
-    counts: [N, C, 4] (tp, fp, fn, tn) per case and class, numpy or jax, e.g.
-      `confusion_counts` outputs concatenated over batches.
-    include_background: keep class 0 when C >= 2 (C == 1 is binary and always
-      kept).
-    ignore_empty: leave out (case, class) pairs whose truth is empty (tp + fn
-      == 0), like MONAI's `ignore_empty`; for the global values, leave out
-      classes with no truth in the whole set. Otherwise empty cases use the
-      `*_from_counts` empty rules (e.g. empty truth and prediction -> Dice 1).
+    counts: [N, C, 4] per-case counts (`confusion_counts`).
+    valid: optional [N]; cases with valid == 0 (batch padding) add nothing,
+      whatever their counts.
+    include_background: score class 0 when C >= 2.
+    ignore_empty: see above.
 
   Returns:
-    {name: float32 scalar} for name in dice, iou, sensitivity, specificity,
-    precision, accuracy: the mean over cases and kept classes of the per-case
-    values (MONAI-style "mean of per-case"); and `name + '_global'`: the metric
-    of the counts summed over all cases, averaged over kept classes. A mean
-    over nothing (everything ignored) is NaN.
+    {'num_cases': valid cases, 'num_scored': valid cases with a scored class,
+     'counts': [C', 4] counts of the scored classes summed over valid cases,
+     'counts_scored': [C'] how many valid cases scored each class,
+     name + '_sum', name + '_sq_sum': per-case values and their squares
+     summed over scored cases, for name in CASE_METRICS}; float32.
   """
   counts = jnp.asarray(counts, jnp.float32)
   if counts.ndim != 3 or counts.shape[-1] != 4:
-    raise ValueError('summarize_counts: counts must be [N, C, 4], got shape '
+    raise ValueError('case_metric_sums: counts must be [N, C, 4], got shape '
                      f'{tuple(counts.shape)}.')
-  if counts.shape[1] > 1 and not include_background:
-    counts = counts[:, 1:]
-  summed = counts.sum(axis=0)
-  keep_case = (counts[..., 0] + counts[..., 2] > 0) | (not ignore_empty)
-  keep_class = (summed[..., 0] + summed[..., 2] > 0) | (not ignore_empty)
-  out = {}
+  counts = _scored_classes(counts, include_background)
+  valid = (jnp.ones(counts.shape[0], bool) if valid is None else
+           jnp.asarray(valid) != 0)
+  scored = valid[:, None] & (_has_truth(counts) | (not ignore_empty))
+  case_scored = scored.any(axis=1)
+  sums = {'num_cases': valid.sum().astype(jnp.float32),
+          'num_scored': case_scored.sum().astype(jnp.float32),
+          'counts': jnp.where(valid[:, None, None], counts, 0.0).sum(axis=0),
+          'counts_scored': scored.sum(axis=0).astype(jnp.float32)}
   for name, fn in METRICS_FROM_COUNTS.items():
-    out[name] = _masked_mean(fn(counts), keep_case)
-    out[f'{name}_global'] = _masked_mean(fn(summed), keep_class)
+    per_case = jnp.where(case_scored, _mean_where(fn(counts), scored, axis=1),
+                         0.0)
+    sums[f'{name}_sum'] = per_case.sum()
+    sums[f'{name}_sq_sum'] = (per_case**2).sum()
+  return sums
+
+
+def summarize_sums(sums, *, ignore_empty: bool = False) -> dict[str, float]:
+  """Turns `case_metric_sums` (summed over batches) into the reported metrics.
+
+  Args:
+    sums: the dict of `case_metric_sums`, possibly added up over batches and
+      devices; NumPy or JAX.
+    ignore_empty: as given to `case_metric_sums`; for the global values, also
+      leaves out classes with no truth in the whole set.
+
+  Returns:
+    {'num_cases', 'num_scored', and for name in CASE_METRICS: name (mean over
+     scored cases of the per-case value), name + '_std' (population standard
+     deviation over those cases), name + '_global' (the metric of the counts
+     summed over cases, averaged over the scored classes)}, Python floats. A
+     mean over nothing is NaN, and NaN counts anywhere make the means NaN.
+  """
+  n = float(sums['num_scored'])
+  out = {'num_cases': float(sums['num_cases']), 'num_scored': n}
+  global_values = jax.device_get(_global_values(
+      sums['counts'], sums['counts_scored'], ignore_empty))
+  for name in METRICS_FROM_COUNTS:
+    mean = float(sums[f'{name}_sum']) / n if n else float('nan')
+    var = float(sums[f'{name}_sq_sum']) / n - mean**2 if n else float('nan')
+    out[name] = mean
+    out[f'{name}_std'] = max(var, 0.0)**0.5 if not np.isnan(var) else var
+    out[f'{name}_global'] = float(global_values[name])
   return out
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _global_values(counts, counts_scored, ignore_empty: bool):
+  """{name: metric of the summed counts, mean over the kept classes}."""
+  counts = jnp.asarray(counts, jnp.float32)
+  keep = jnp.asarray(counts_scored) > 0
+  if ignore_empty:
+    keep = keep & _has_truth(counts)
+  return {name: _mean_where(fn(counts), keep)
+          for name, fn in METRICS_FROM_COUNTS.items()}
+
+
+def summarize_counts(counts, *, include_background: bool = False,
+                     ignore_empty: bool = False) -> Mapping[str, float]:
+  """Reduces per-case counts [N, C, 4] to the reported metrics.
+
+  The same reduction as evaluation during training: `summarize_sums` of
+  `case_metric_sums` (see both for the rules: classes averaged within a case
+  first, then cases, as MONAI's reduction='mean'; `ignore_empty` as MONAI's).
+
+  Args:
+    counts: [N, C, 4] per-case counts, NumPy or JAX.
+    include_background: score class 0 when C >= 2.
+    ignore_empty: leave out (case, class) pairs with empty truth.
+
+  Returns:
+    The dict of `summarize_sums`.
+  """
+  # Jitted: op by op, the reduction takes about a second on the host.
+  sums = _case_metric_sums_jit(jnp.asarray(counts, jnp.float32),
+                               include_background=include_background,
+                               ignore_empty=ignore_empty)
+  return summarize_sums(sums, ignore_empty=ignore_empty)
+
+
+_case_metric_sums_jit = jax.jit(
+    case_metric_sums, static_argnames=('include_background', 'ignore_empty'))

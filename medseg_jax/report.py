@@ -1,9 +1,9 @@
-"""Evaluation reports on the host: per-case rows, statistics, calibration, files.
+"""Evaluation reports on the host: per-case rows, statistics, files.
 
     rows = []
     for case in split:                                    # numpy arrays
       rows += case_metrics(pred, truth, num_classes, spacing, case_id)
-      calibration.add(probabilities, truth)               # CalibrationAccumulator
+      calibration.add(probabilities, truth)  # a CalibrationAccumulator
     summary = summarize(rows)
     summary['calibration'] = calibration.summary()
     write_case_csv(rows, 'cases.csv')
@@ -17,7 +17,13 @@ prediction both empty -> Dice, IoU, sensitivity, precision 1 and HD95, ASSD
 0; empty truth, non-empty prediction -> Dice, IoU 0, sensitivity 1, HD95 and
 ASSD inf; non-empty truth, empty prediction -> Dice, IoU, sensitivity 0,
 precision 1, HD95 and ASSD inf. Statistics leave non-finite values (inf HD95)
-out and count them (`excluded_nonfinite`).
+out and count them (`excluded_nonfinite`), as they do NaN values (a case
+whose counts are NaN), so no non-finite value is averaged away in silence.
+
+Units: distances are in mm and volumes in mm^2/mm^3 when the case has a
+spacing; with spacing=None (photographs, which have no physical spacing) they
+are in pixels/voxels, and the reports say so. The summary names the
+definition behind each distance (`DISTANCE_CONVENTIONS`).
 
 The confusion counts of a case are computed here with NumPy (one bincount),
 with the definition of `metrics.confusion_counts` (a test checks they are
@@ -29,21 +35,39 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 
 import numpy as np
 
+from medseg_jax import fileio
+# Calibration lives in `calibration`; re-exported for existing callers.
+from medseg_jax.calibration import (  # pylint: disable=unused-import
+    CalibrationAccumulator, calibration_summary)
 from medseg_jax import metrics
+from medseg_jax import statistics
 
-# Per-case metrics, in CSV and report order.
-OVERLAP_METRICS = ('dice', 'iou', 'sensitivity', 'specificity', 'precision')
+# Per-case metrics, in CSV and report order; the overlap metrics are the
+# project's one list, metrics.CASE_METRICS.
+OVERLAP_METRICS = metrics.CASE_METRICS
 DISTANCE_METRICS = ('hd95', 'assd')
 VOLUME_METRICS = ('truth_volume', 'pred_volume')
 METRICS = OVERLAP_METRICS + DISTANCE_METRICS + VOLUME_METRICS
+NSD_METRIC = 'nsd'  # Only in rows made with nsd_tolerance set.
 ROW_KEYS = ('case_id', 'class_index', 'class_name', *METRICS, 'distance_unit',
             'volume_unit')
 ISIC_THRESHOLD = 0.65
+
+# The definition behind each distance, named in every summary.
+DISTANCE_CONVENTIONS = {
+    'hd95': ('max of the two directed 95th percentiles of the distances '
+             'between surface voxels (MONAI compute_hausdorff_distance, '
+             'percentile=95)'),
+    'assd': ('mean of the surface-voxel distances of both directions pooled '
+             '(MONAI compute_average_surface_distance, symmetric=True; '
+             'MedPy >= 0.5.2 assd)'),
+    'nsd': ('normalized surface Dice over area-weighted surface elements '
+            '(DeepMind surface-distance, the NSD paper; MONAI '
+            'use_subvoxels=True)'),
+}
 
 EMPTY_MASK_RULES = (
     'truth and prediction both empty: Dice = IoU = sensitivity = precision = '
@@ -110,7 +134,8 @@ def foreground_counts(pred, truth, num_classes: int) -> np.ndarray:
 
 
 def case_metrics(pred, truth, num_classes: int, spacing=None,
-                 case_id: str = '', class_names=None) -> list[dict]:
+                 case_id: str = '', class_names=None, *,
+                 nsd_tolerance: float | None = None) -> list[dict]:
   """Returns the metric rows of one case, one per foreground class.
 
   Args:
@@ -118,11 +143,14 @@ def case_metrics(pred, truth, num_classes: int, spacing=None,
     truth: integer (or bool) true class map, same shape.
     num_classes: K of the model: 1 = binary (foreground 1), >= 2 = classes
       0..K-1 with 0 the background.
-    spacing: voxel size in mm per spatial axis (or one scalar); None measures
-      distances in pixels and volumes in pixel/voxel counts.
+    spacing: voxel size in mm per spatial axis (or one scalar); None (no
+      physical spacing, as for photographs) measures distances in pixels and
+      volumes in pixel/voxel counts.
     case_id: identifier written in every row.
     class_names: names of classes 1..K-1 (config.data.class_names); default
       'foreground' (one foreground class) or 'class_<i>'.
+    nsd_tolerance: when set, rows get 'nsd': the normalized surface Dice at
+      this tolerance (in the distance unit), DeepMind's convention.
 
   Returns:
     Dicts with the keys of ROW_KEYS: 'dice', 'iou', 'sensitivity',
@@ -153,13 +181,18 @@ def case_metrics(pred, truth, num_classes: int, spacing=None,
   for i, (tp, fp, fn, _) in enumerate(counts.tolist()):
     index = i + 1
     surface = metrics.surface_distance_metrics(pred == index, truth == index,
-                                               spacing)
+                                               spacing=spacing)
     row = {'case_id': str(case_id), 'class_index': index,
            'class_name': _class_name(index, num_classes, class_names)}
     # float32 ratios as their shortest decimal (0.86, not 0.8600000143).
     row.update({name: float(str(np.float32(overlap[name][i])))
                 for name in OVERLAP_METRICS})
     row.update({name: float(surface[name]) for name in DISTANCE_METRICS})
+    if nsd_tolerance is not None:
+      row[NSD_METRIC] = metrics.normalized_surface_dice(
+          pred == index, truth == index, tolerance_mm=nsd_tolerance,
+          spacing=spacing, convention='deepmind')
+      row['nsd_tolerance'] = float(nsd_tolerance)
     row.update(truth_volume=(tp + fn) * voxel, pred_volume=(tp + fp) * voxel,
                distance_unit=distance_unit, volume_unit=volume_unit)
     rows.append(row)
@@ -177,8 +210,9 @@ def _classes(rows) -> list[tuple[int, str]]:
 def metric_statistics(values, confidence: float = 0.95) -> dict:
   """Returns the statistics of one metric over cases.
 
-  Non-finite values (inf HD95 of a case with one empty mask) are left out of
-  every statistic and counted in 'excluded_nonfinite'.
+  Non-finite values (inf HD95 of a case with one empty mask, NaN of a case
+  with NaN counts) are left out of every statistic and counted in
+  'excluded_nonfinite'.
 
   Args:
     values: per-case values.
@@ -186,13 +220,13 @@ def metric_statistics(values, confidence: float = 0.95) -> dict:
 
   Returns:
     {'mean', 'std' (sample, ddof=1), 'median', 'ci_low', 'ci_high'
-     (`metrics.mean_confidence_interval`), 'n' (finite values used),
+     (`statistics.mean_confidence_interval`), 'n' (finite values used),
      'excluded_nonfinite'}; NaN where undefined (std and CI need n >= 2).
   """
   v = np.asarray(values, np.float64).ravel()
   finite = v[np.isfinite(v)]
   nan = float('nan')
-  mean, low, high = metrics.mean_confidence_interval(finite, confidence)
+  mean, low, high = statistics.mean_confidence_interval(finite, confidence)
   return {'mean': mean,
           'std': float(finite.std(ddof=1)) if finite.size > 1 else nan,
           'median': float(np.median(finite)) if finite.size else nan,
@@ -214,34 +248,48 @@ def summarize(rows, confidence: float = 0.95) -> dict:
        else absent),
      'isic_thresholded_jaccard': mean over cases of IoU, counted as 0 below
        0.65 (ISIC 2018 Task 1), when there is one foreground class, else None,
-     'confidence', 'distance_unit', 'volume_unit', 'empty_mask_rules',
-     'nonfinite_rule'}.
+     'confidence', 'distance_unit', 'volume_unit', 'distance_conventions'
+     ({metric: definition}), 'nsd_tolerance' (when rows have 'nsd'),
+     'empty_mask_rules', 'nonfinite_rule'}.
   """
   if not rows:
     raise ValueError('summarize: no rows (the split has no cases?).')
+  names = _row_metrics(rows)
   classes = []
   for index, name in _classes(rows):
     mine = [r for r in rows if int(r['class_index']) == index]
     stats = {m: metric_statistics([float(r[m]) for r in mine], confidence)
-             for m in METRICS}
+             for m in names}
     classes.append({'class_index': index, 'class_name': name,
                     'num_cases': len(mine), 'metrics': stats})
   summary = {'classes': classes, 'confidence': confidence,
              'distance_unit': _unit(rows, 'distance_unit'),
              'volume_unit': _unit(rows, 'volume_unit'),
+             'distance_conventions': {m: DISTANCE_CONVENTIONS[m]
+                                      for m in names
+                                      if m in DISTANCE_CONVENTIONS},
              'empty_mask_rules': EMPTY_MASK_RULES,
              'nonfinite_rule': (
                  'Non-finite values (inf HD95/ASSD: exactly one of truth and '
-                 'prediction empty) are excluded from mean, std, median and '
-                 'CI and counted in excluded_nonfinite.')}
+                 'prediction empty; NaN: a case whose labels were out of '
+                 'range) are excluded from mean, std, median and CI and '
+                 'counted in excluded_nonfinite.')}
+  if NSD_METRIC in names:
+    summary['nsd_tolerance'] = _unit(rows, 'nsd_tolerance')
   if len(classes) > 1:
     summary['mean_over_classes'] = {
         m: float(np.mean([c['metrics'][m]['mean'] for c in classes]))
-        for m in METRICS}
-  summary['isic_thresholded_jaccard'] = (metrics.isic_thresholded_jaccard(
+        for m in names}
+  summary['isic_thresholded_jaccard'] = (statistics.isic_thresholded_jaccard(
       [float(r['iou']) for r in rows], ISIC_THRESHOLD) if len(classes) == 1
                                          else None)
   return summary
+
+
+def _row_metrics(rows) -> tuple[str, ...]:
+  """METRICS, plus 'nsd' when every row has it."""
+  extra = (NSD_METRIC,) if all(NSD_METRIC in r for r in rows) else ()
+  return METRICS + extra
 
 
 def _unit(rows, key: str) -> str:
@@ -250,105 +298,13 @@ def _unit(rows, key: str) -> str:
   return units[0] if len(units) == 1 else 'mixed: ' + ', '.join(units)
 
 
-# --------------------------------------------------------------- calibration
-
-
-class CalibrationAccumulator:
-  """Reliability bins summed over cases, so memory stays one case (chunk).
-
-  Each case is binned with `metrics.reliability_bins` in chunks along its
-  first axis; per-bin counts and sums of confidence and correctness add up,
-  giving exactly the bins of all pixels pooled.
-  """
-
-  def __init__(self, num_bins: int = 15, chunk_pixels: int = 1 << 22):
-    if num_bins < 1:
-      raise ValueError(f'num_bins must be >= 1, got {num_bins}.')
-    self.num_bins = num_bins
-    self.chunk_pixels = chunk_pixels
-    self.count = np.zeros(num_bins)
-    self.confidence_sum = np.zeros(num_bins)
-    self.correct_sum = np.zeros(num_bins)
-
-  def add(self, probabilities, truth, mask=None) -> None:
-    """Adds one case.
-
-    Args:
-      probabilities: [*spatial, K] (K == 1: foreground probability, or
-        [*spatial]) or [*spatial, K] softmax probabilities.
-      truth: integer labels [*spatial].
-      mask: optional [*spatial]; pixels where mask == 0 are left out.
-    """
-    probabilities, truth = np.asarray(probabilities), np.asarray(truth)
-    if truth.ndim == 0 or probabilities.shape[:truth.ndim] != truth.shape:
-      raise ValueError(f'CalibrationAccumulator.add: probabilities shape '
-                       f'{probabilities.shape} must be the truth shape '
-                       f'{truth.shape} plus an optional class axis.')
-    per_slice = max(int(np.prod(truth.shape[1:])), 1)
-    step = max(self.chunk_pixels // per_slice, 1)
-    for start in range(0, truth.shape[0], step):
-      part = slice(start, start + step)
-      bins = metrics.reliability_bins(
-          probabilities[part], truth[part], self.num_bins,
-          mask=None if mask is None else np.asarray(mask)[part])
-      self.count += bins['count']
-      self.confidence_sum += np.nan_to_num(bins['confidence']) * bins['count']
-      self.correct_sum += np.nan_to_num(bins['accuracy']) * bins['count']
-
-  def summary(self) -> dict:
-    """Returns {'ece', 'num_bins', 'num_pixels', 'edges', 'confidence',
-    'accuracy', 'count'} (NaN confidence/accuracy in empty bins).
-
-    ECE = sum_b (n_b / N) |accuracy_b - confidence_b| as in
-    `metrics.expected_calibration_error`; 0.0 when no pixel was added.
-    """
-    safe = np.where(self.count > 0, self.count, np.nan)
-    confidence, accuracy = self.confidence_sum / safe, self.correct_sum / safe
-    n = self.count.sum()
-    gap = np.nansum(self.count * np.abs(accuracy - confidence))
-    return {'ece': float(gap / n) if n else 0.0, 'num_bins': self.num_bins,
-            'num_pixels': int(n),
-            'edges': np.linspace(0.0, 1.0, self.num_bins + 1).tolist(),
-            'confidence': confidence.tolist(), 'accuracy': accuracy.tolist(),
-            'count': self.count.tolist()}
-
-
-def calibration_summary(probabilities_list, truths_list, num_bins: int = 15
-                       ) -> dict:
-  """Returns `CalibrationAccumulator.summary()` over paired cases.
-
-  Args:
-    probabilities_list: per case, probabilities (see
-      `CalibrationAccumulator.add`); any iterable, consumed one at a time.
-    truths_list: per case, integer labels; same length.
-    num_bins: number of equal confidence bins over [0, 1].
-  """
-  acc = CalibrationAccumulator(num_bins)
-  probabilities_list, truths_list = list(probabilities_list), list(truths_list)
-  if len(probabilities_list) != len(truths_list):
-    raise ValueError(f'calibration_summary: {len(probabilities_list)} '
-                     f'probability maps but {len(truths_list)} truths.')
-  for probabilities, truth in zip(probabilities_list, truths_list):
-    acc.add(probabilities, truth)
-  return acc.summary()
-
-
 # ---------------------------------------------------------------- the files
 
 
 def _write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and os.replace."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes `text` to `path` atomically (`fileio.atomic_write`)."""
+  with fileio.atomic_write(path, 'w') as f:
+    f.write(text)
 
 
 def write_case_csv(rows, path: str) -> None:
@@ -370,7 +326,7 @@ def read_case_csv(path: str) -> list[dict]:
     rows = list(csv.DictReader(f))
   for row in rows:
     row['class_index'] = int(row['class_index'])
-    for key in METRICS:
+    for key in METRICS + (NSD_METRIC, 'nsd_tolerance'):
       if key in row:
         row[key] = float(row[key])
   return rows
@@ -408,7 +364,7 @@ def write_summary(summary: dict, json_path: str, md_path: str,
 def _fmt(value, metric: str) -> str:
   if value is None or not math.isfinite(value):
     return 'n/a' if value is None or math.isnan(value) else str(value)
-  if metric in OVERLAP_METRICS:
+  if metric in OVERLAP_METRICS or metric == NSD_METRIC:
     return f'{value:.4f}'
   return f'{value:.2f}' if metric in DISTANCE_METRICS else f'{value:.1f}'
 
@@ -418,6 +374,9 @@ def _metric_label(metric: str, summary: dict) -> str:
     return f'{metric} ({summary.get("distance_unit", "")})'
   if metric in VOLUME_METRICS:
     return f'{metric} ({summary.get("volume_unit", "")})'
+  if metric == NSD_METRIC:
+    return (f'nsd@{summary.get("nsd_tolerance", "?")} '
+            f'{summary.get("distance_unit", "")}')
   return metric
 
 
@@ -461,6 +420,10 @@ def summary_markdown(summary: dict, title: str = 'Evaluation') -> str:
     lines += [f'Expected calibration error: {calibration["ece"]:.4f} '
               f'({calibration["num_bins"]} bins, '
               f'{calibration["num_pixels"]} pixels)', '']
+  conventions = summary.get('distance_conventions') or {}
+  if conventions:
+    lines += ['Distances (' + summary.get('distance_unit', '') + '): ' +
+              '; '.join(f'{m}: {d}' for m, d in conventions.items()), '']
   lines += [f'Empty masks: {summary["empty_mask_rules"]}', '',
             summary['nonfinite_rule'], '']
   return '\n'.join(lines)
@@ -479,7 +442,9 @@ def summary_text(summary: dict) -> str:
         f'{_fmt(s["iou"]["mean"], "iou")}, HD95 '
         f'{_fmt(s["hd95"]["mean"], "hd95")} {summary["distance_unit"]}'
         + (f' ({s["hd95"]["excluded_nonfinite"]} inf excluded)'
-           if s['hd95']['excluded_nonfinite'] else ''))
+           if s['hd95']['excluded_nonfinite'] else '')
+        + (f'; {s["dice"]["excluded_nonfinite"]} NaN Dice excluded'
+           if s['dice']['excluded_nonfinite'] else ''))
   if summary.get('isic_thresholded_jaccard') is not None:
     lines.append('ISIC thresholded Jaccard '
                  f'{_fmt(summary["isic_thresholded_jaccard"], "iou")}')

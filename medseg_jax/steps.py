@@ -8,22 +8,11 @@ devices and batches are returned as sums and reduced on the host at the end.
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from medseg_jax import losses
 from medseg_jax import metrics
 from medseg_jax.state import TrainState
-
-# Per-case overlap metrics reported at evaluation; each maps counts -> value.
-CASE_METRICS = {
-    'dice': metrics.dice_from_counts,
-    'iou': metrics.iou_from_counts,
-    'sensitivity': metrics.sensitivity_from_counts,
-    'specificity': metrics.specificity_from_counts,
-    'precision': metrics.precision_from_counts,
-}
-
 
 def _loss_from_outputs(outputs, labels, loss_weights):
   """Returns the training loss of one model output or a deep-supervision list."""
@@ -82,11 +71,11 @@ def make_eval_step(model, num_classes: int, threshold: float = 0.5):
   """Returns the pure evaluation step.
 
   Returns:
-    `eval_step(state, batch) -> sums`: for every metric in `CASE_METRICS`, the
-    sum over valid cases of the per-case value (mean over foreground classes)
-    and of its square; `num_cases`; and `counts`, the confusion counts summed
-    over valid cases, `[C, 4]` (tp, fp, fn, tn). Padding cases (`valid == 0`)
-    contribute nothing.
+    `eval_step(state, batch) -> sums`: `metrics.case_metric_sums` of the
+    batch's confusion counts, padding cases (`valid == 0`) left out. The sums
+    add up over batches and devices; `summarize_eval_sums` turns their total
+    into the reported metrics. A case with a label out of range gets NaN
+    counts, which make the reported means NaN, never a perfect score.
   """
 
   def eval_step(state: TrainState, batch):
@@ -95,35 +84,16 @@ def make_eval_step(model, num_classes: int, threshold: float = 0.5):
                          batch['image'], train=False)
     predictions = metrics.predict_classes(logits, threshold=threshold)
     counts = metrics.confusion_counts(predictions, batch['label'], num_classes)
-    valid = batch['valid'].astype(jnp.float32)
-    foreground = counts if num_classes == 1 else counts[:, 1:]
-    sums = {'num_cases': valid.sum(),
-            'counts': (counts * valid[:, None, None]).sum(axis=0)}
-    for name, fn in CASE_METRICS.items():
-      per_case = fn(foreground).mean(axis=-1)
-      sums[f'{name}_sum'] = (per_case * valid).sum()
-      sums[f'{name}_sq_sum'] = (per_case**2 * valid).sum()
-    return sums
+    return metrics.case_metric_sums(counts, batch['valid'])
 
   return eval_step
 
 
 def summarize_eval_sums(sums) -> dict[str, float]:
-  """Turns summed eval outputs (host NumPy) into mean/std per metric.
+  """Turns summed `eval_step` outputs (host NumPy) into the reported metrics.
 
-  Returns:
-    {'dice': mean per-case Dice, 'dice_std': ..., ..., 'dice_global': Dice of
-    the counts summed over the split (mean over foreground classes),
-    'num_cases': n}.
+  The project's one reducer, `metrics.summarize_sums` (see there): per
+  metric in `metrics.CASE_METRICS` the mean over cases, `_std` and
+  `_global`, plus 'num_cases'.
   """
-  n = float(sums['num_cases'])
-  out = {'num_cases': n}
-  for name in CASE_METRICS:
-    mean = float(sums[f'{name}_sum']) / n
-    var = max(0.0, float(sums[f'{name}_sq_sum']) / n - mean**2)
-    out[name] = mean
-    out[f'{name}_std'] = var**0.5
-  counts = jnp.asarray(sums['counts'])
-  foreground = counts if counts.shape[0] == 1 else counts[1:]
-  out['dice_global'] = float(metrics.dice_from_counts(foreground).mean())
-  return out
+  return metrics.summarize_sums(sums)

@@ -1,20 +1,19 @@
-"""Tests of medseg_jax.metrics (on-device counts) and the host-side metrics.
+"""Tests of medseg_jax.metrics: probabilities, counts, ratios, the reducer.
 
-Expected values are worked out by hand in the comments, or computed by an
-independent brute-force reference (explicit neighbour loops, all-pairs
-distances) on arrays small enough for it.
+Expected values are worked out by hand in the comments. Host-side metrics
+have their own files (test_surface_metrics, test_calibration,
+test_statistics).
 """
 
-import itertools
-import math
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 from medseg_jax import metrics
+from medseg_jax import steps
 
 
 def _close(a, b, tol=1e-5):
@@ -132,23 +131,109 @@ def test_summarize_counts():
                     np.float32)
   out = metrics.summarize_counts(counts)
   # Per-case foreground Dice: case 1: 0 and 4/6; case 2: 1 (empty) and 2/3.
+  # Classes are averaged within a case first: (1/3 + 5/6) / 2.
   _close(out['dice'], (0 + 4 / 6 + 1 + 2 / 3) / 4)
+  _close(out['dice_std'], abs(1 / 3 - 5 / 6) / 2)  # population std of 2
   # Summed: class 1 (0, 1, 1, 10) -> 0; class 2 (3, 2, 1, 6) -> 6/9.
   _close(out['dice_global'], (0 + 6 / 9) / 2)
   _close(out['sensitivity'], (0 + 2 / 3 + 1 + 1) / 4)
+  # ignore_empty as MONAI: case 1 scores both classes (mean 1/3), case 2
+  # only class 2 (2/3); then the mean over cases, (1/3 + 2/3) / 2 = 0.5.
+  # (Pooling the three (case, class) pairs would give 4/9.)
   ignored = metrics.summarize_counts(counts, ignore_empty=True)
-  _close(ignored['dice'], (0 + 4 / 6 + 2 / 3) / 3)
+  _close(ignored['dice'], 0.5)
+  assert ignored['num_scored'] == 2
   with_bg = metrics.summarize_counts(jnp.asarray(counts),
                                      include_background=True)
   _close(with_bg['dice'], (1 + 0 + 4 / 6 + 6 / 7 + 1 + 2 / 3) / 6)
-  assert set(out) == {f'{m}{s}' for m in metrics.METRICS_FROM_COUNTS
-                      for s in ('', '_global')}
+  assert set(out) == {'num_cases', 'num_scored'} | {
+      f'{m}{s}' for m in metrics.CASE_METRICS
+      for s in ('', '_std', '_global')}
   # Binary counts (C == 1) keep their single class; nothing kept -> NaN.
   binary = metrics.summarize_counts(np.array([[[0, 0, 0, 4]]]),
                                     ignore_empty=True)
-  assert np.isnan(binary['dice'])
+  assert np.isnan(binary['dice']) and np.isnan(binary['dice_global'])
   with pytest.raises(ValueError, match=r'\[N, C, 4\]'):
     metrics.summarize_counts(np.zeros((3, 4)))
+
+
+def test_nan_counts_give_nan_everywhere():
+  nan = [np.nan] * 4
+  for name, fn in metrics.METRICS_FROM_COUNTS.items():
+    assert np.isnan(fn(nan)), name  # `nan > 0` is False: not empty_value
+  assert np.isnan(metrics.accuracy_from_counts(nan))
+  counts = np.array([[[2, 1, 1, 4]], [nan]], np.float32)
+  for ignore_empty in (False, True):
+    out = metrics.summarize_counts(counts, ignore_empty=ignore_empty)
+    for name in metrics.CASE_METRICS:
+      for suffix in ('', '_std', '_global'):
+        assert np.isnan(out[name + suffix]), (name + suffix, ignore_empty)
+  # Padding cases (valid == 0) add nothing, NaN or not.
+  sums = metrics.case_metric_sums(counts, np.array([1, 0]))
+  _close(metrics.summarize_sums(sums)['dice'], 4 / 6)
+
+
+def test_sums_add_up_over_batches():
+  rng = np.random.default_rng(3)
+  counts = rng.integers(0, 5, size=(7, 3, 4)).astype(np.float32)
+  sums = jax.jit(lambda c: metrics.case_metric_sums(c, ignore_empty=True))
+  whole = sums(counts)
+  parts = [sums(counts[s]) for s in (slice(0, 3), slice(3, 7))]
+  added = jax.tree.map(lambda a, b: a + b, *parts)
+  for key, value in whole.items():
+    _close(added[key], value)
+  # The reduction equals a direct NumPy computation of MONAI's rule.
+  fg = counts[:, 1:]
+  dice = 2 * fg[..., 0] / np.maximum(2 * fg[..., 0] + fg[..., 1] + fg[..., 2],
+                                     1e-30)
+  has_truth = fg[..., 0] + fg[..., 2] > 0
+  per_case = [d[h].mean() for d, h in zip(dice, has_truth) if h.any()]
+  _close(metrics.summarize_sums(added, ignore_empty=True)['dice'],
+         np.mean(per_case))
+
+
+def test_eval_step_stray_label_gives_nan_not_a_perfect_score():
+  # A binary batch under jit: case 0 is predicted exactly (Dice 1); case 1
+  # holds a stray label 2, which cannot be checked under jit: its counts are
+  # NaN and the summary is NaN, never the empty-mask 1.0.
+  model = types.SimpleNamespace(
+      apply=lambda variables, image, train: image * 20.0 - 10.0)
+  state = types.SimpleNamespace(params={}, batch_stats={})  # not traced
+  labels = np.zeros((2, 4, 4), np.int32)
+  labels[:, 1:3, 1:3] = 1
+  image = labels[..., None].astype(np.float32)  # logits +-10: exact
+  step = steps.make_eval_step(model, num_classes=1)
+  eval_step = jax.jit(lambda batch: step(state, batch))
+  good = {'image': image, 'label': labels, 'valid': np.array([1, 1])}
+  assert steps.summarize_eval_sums(
+      jax.device_get(eval_step(good)))['dice'] == 1.0
+  stray = labels.copy()
+  stray[1, 0, 0] = 2
+  bad = dict(good, label=stray)
+  out = steps.summarize_eval_sums(jax.device_get(eval_step(bad)))
+  assert np.isnan(out['dice']) and np.isnan(out['dice_global'])
+  # The same stray label in a padding case is ignored.
+  padded = dict(bad, valid=np.array([1, 0]))
+  out = steps.summarize_eval_sums(jax.device_get(eval_step(padded)))
+  assert out['dice'] == 1.0 and out['num_cases'] == 1
+
+
+def test_probabilities_one_rule_numpy_and_jax():
+  rng = np.random.default_rng(0)
+  for k in (1, 3):
+    logits = rng.normal(size=(2, 5, k)).astype(np.float32)
+    host = metrics.probabilities(logits)
+    device = metrics.probabilities(jnp.asarray(logits))
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    _close(host, device, 1e-6)
+    if k == 1:
+      _close(host, 1 / (1 + np.exp(-logits)), 1e-6)
+    else:
+      e = np.exp(logits - logits.max(-1, keepdims=True))
+      _close(host, e / e.sum(-1, keepdims=True), 1e-6)
+    labels = metrics.labels_from_probabilities(host)
+    assert isinstance(labels, np.ndarray) and labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, metrics.predict_classes(logits))
 
 
 def test_counts_sum_across_batches_exactly():
@@ -161,215 +246,3 @@ def test_counts_sum_across_batches_exactly():
             for s in (slice(0, 2), slice(2, 4))]
   np.testing.assert_array_equal(np.concatenate(halves), whole)
   assert float(whole[..., :].sum()) == 4 * 5 * 6 * 3 * 3  # C cells per pixel
-
-
-# ------------------------------------------------------------ surface metrics
-
-
-def _brute_surface(mask, connectivity):
-  """Mask voxels with an outside-or-background neighbour (explicit loops)."""
-  out = np.zeros_like(mask)
-  offsets = [o for o in itertools.product((-1, 0, 1), repeat=mask.ndim)
-             if 0 < sum(map(abs, o)) <= connectivity]
-  for idx in zip(*np.nonzero(mask)):
-    for o in offsets:
-      n = tuple(i + d for i, d in zip(idx, o))
-      if (any(c < 0 or c >= s for c, s in zip(n, mask.shape)) or
-          not mask[n]):
-        out[idx] = True
-        break
-  return out
-
-
-def _brute_directed(a, b, spacing):
-  """All-pairs distances from every point of a to the nearest of b."""
-  pa, pb = np.argwhere(a) * spacing, np.argwhere(b) * spacing
-  return np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1)).min(axis=1)
-
-
-@pytest.mark.parametrize('shape,spacing,connectivity', [
-    ((9, 11), (1.0, 1.0), 1), ((9, 11), (2.0, 0.5), 2),
-    ((6, 7, 5), (1.0, 1.0, 2.5), 1), ((6, 7, 5), (0.7, 1.3, 2.0), 3)])
-def test_surface_metrics_match_brute_force(shape, spacing, connectivity):
-  rng = np.random.default_rng(len(shape) + connectivity)
-  for trial in range(3):
-    pred = rng.random(shape) < 0.35
-    truth = rng.random(shape) < 0.35
-    if trial == 2:  # objects away from the edges: the crop is smaller
-      keep = np.zeros(shape, bool)
-      keep[tuple(slice(2, -1) for _ in shape)] = True
-      pred, truth = pred & keep, truth & keep
-    sp, st = (_brute_surface(m, connectivity) for m in (pred, truth))
-    np.testing.assert_array_equal(
-        metrics.surface_voxels(pred, connectivity), sp)
-    d_pt, d_tp = _brute_directed(sp, st, spacing), _brute_directed(st, sp,
-                                                                   spacing)
-    got = metrics.surface_distances(pred, truth, spacing, connectivity)
-    _close(got[0], d_pt, 1e-9)
-    _close(got[1], d_tp, 1e-9)
-    kw = dict(spacing=spacing, connectivity=connectivity)
-    _close(metrics.hausdorff_distance(pred, truth, percentile=100, **kw),
-           max(d_pt.max(), d_tp.max()))
-    _close(metrics.hausdorff_distance(pred, truth, **kw),
-           max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
-    pooled = np.concatenate([d_pt, d_tp])
-    _close(metrics.average_symmetric_surface_distance(pred, truth, **kw),
-           pooled.mean())
-    _close(metrics.normalized_surface_dice(pred, truth, 1.5, **kw),
-           np.mean(pooled <= 1.5))
-
-
-def test_shifted_squares_2d():
-  # 3x3 squares, the prediction shifted right by one. With face
-  # connectivity each surface is the 8-voxel ring; 4 of the 8 ring voxels of
-  # each lie on the other ring, the other 4 are one voxel away.
-  truth = np.zeros((7, 7), bool)
-  truth[1:4, 1:4] = True
-  pred = np.roll(truth, 1, axis=1)
-  assert metrics.surface_voxels(truth).sum() == 8
-  _close(metrics.hausdorff_distance(pred, truth, percentile=100), 1.0)
-  _close(metrics.hausdorff_distance(pred, truth), 1.0)
-  _close(metrics.average_symmetric_surface_distance(pred, truth), 0.5)
-  _close(metrics.normalized_surface_dice(pred, truth, 0.5), 0.5)
-  _close(metrics.normalized_surface_dice(pred, truth, 1.0), 1.0)
-  # Anisotropic, spacing 3 along the shift: the 3 outer-column voxels of each
-  # ring are 3 mm away; the middle voxel of the inner column is 1 mm from the
-  # ring voxel above it (3 mm sideways). Per direction: 0, 0, 0, 0, 1, 3, 3, 3.
-  _close(metrics.hausdorff_distance(pred, truth, (1.0, 3.0), 100), 3.0)
-  _close(metrics.average_symmetric_surface_distance(pred, truth, (1.0, 3.0)),
-         2 * 10 / 16)
-
-
-def test_single_pixels_and_conventions():
-  truth = np.zeros((3, 7), bool)
-  truth[1, 1] = True
-  pred = truth.copy()
-  pred[1, 5] = True  # a spurious pixel 4 voxels away
-  # d(pred -> truth) = [0, 4], d(truth -> pred) = [0].
-  _close(metrics.hausdorff_distance(pred, truth, percentile=100), 4.0)
-  # MONAI: max(P95([0, 4]), P95([0])) = 0.95 * 4; MedPy: P95([0, 0, 4]):
-  # rank 0.95 * 2 = 1.9 -> 0 + 0.9 * 4.
-  _close(metrics.hausdorff_distance(pred, truth), 3.8)
-  _close(metrics.hausdorff_distance(pred, truth, convention='medpy'), 3.6)
-  # Classic/MONAI ASSD: (0 + 4 + 0) / 3; MedPy: (mean [0, 4] + 0) / 2.
-  _close(metrics.average_symmetric_surface_distance(pred, truth), 4 / 3)
-  _close(metrics.average_symmetric_surface_distance(pred, truth,
-                                                    convention='medpy'), 1.0)
-  _close(metrics.normalized_surface_dice(pred, truth, 1.0), 2 / 3)
-  # Two single pixels 3 apart along an axis of spacing 2.0.
-  a, b = np.zeros((8, 3), bool), np.zeros((8, 3), bool)
-  a[1, 1], b[4, 1] = True, True
-  _close(metrics.hausdorff_distance(a, b, (2.0, 0.5), 100), 6.0)
-  _close(metrics.average_symmetric_surface_distance(a, b, 2.0), 6.0)
-  with pytest.raises(ValueError, match='convention'):
-    metrics.hausdorff_distance(a, b, convention='itk')
-
-
-def test_shifted_cubes_3d_anisotropic():
-  # 3x3x3 cubes, the prediction shifted by one voxel along z (spacing 2).
-  # Each surface has 26 voxels (only the centre is interior). Per direction:
-  # the 9 voxels of the outer z face are 2 mm away, the face centre next to
-  # the other cube's interior is 1 mm away (in-plane), the other 16 are 0.
-  truth = np.zeros((5, 5, 7), bool)
-  truth[1:4, 1:4, 1:4] = True
-  pred = np.roll(truth, 1, axis=2)
-  spacing = (1.0, 1.0, 2.0)
-  d_pred, d_truth = metrics.surface_distances(pred, truth, spacing)
-  for d in (d_pred, d_truth):
-    np.testing.assert_allclose(np.sort(d), [0] * 16 + [1] + [2] * 9)
-  _close(metrics.hausdorff_distance(pred, truth, spacing, 100), 2.0)
-  _close(metrics.hausdorff_distance(pred, truth, spacing), 2.0)
-  _close(metrics.average_symmetric_surface_distance(pred, truth, spacing),
-         2 * (1 + 9 * 2) / 52)
-  _close(metrics.normalized_surface_dice(pred, truth, 1.0, spacing), 34 / 52)
-  all_at_once = metrics.surface_distance_metrics(pred, truth, spacing,
-                                                 tolerance_mm=1.0)
-  _close([all_at_once[k] for k in ('hd', 'hd95', 'assd', 'nsd')],
-         [2.0, 2.0, 38 / 52, 34 / 52])
-
-
-def test_objects_touching_the_border():
-  # The image edge counts as background: a full row is all surface.
-  truth = np.zeros((4, 5), bool)
-  truth[:2] = True
-  assert metrics.surface_voxels(truth).sum() == 10
-  pred = np.zeros((4, 5), bool)
-  pred[:3] = True
-  # Pred surface: rows 0 and 2 and the ends of row 1: 0 or 1 away. Truth row 1
-  # middle voxels are 1 from pred rows 0/2 (pred row 1 middle is interior).
-  _close(metrics.hausdorff_distance(pred, truth, percentile=100), 1.0)
-
-
-def test_surface_empty_rules():
-  empty = np.zeros((5, 5), bool)
-  one = empty.copy()
-  one[2, 2] = True
-  assert metrics.hausdorff_distance(empty, empty) == 0.0
-  assert metrics.average_symmetric_surface_distance(empty, empty) == 0.0
-  assert metrics.normalized_surface_dice(empty, empty, 1.0) == 1.0
-  for a, b in ((one, empty), (empty, one)):
-    assert metrics.hausdorff_distance(a, b) == math.inf
-    assert metrics.hausdorff_distance(a, b, percentile=100) == math.inf
-    assert metrics.average_symmetric_surface_distance(a, b) == math.inf
-    assert metrics.normalized_surface_dice(a, b, 1.0) == 0.0
-    assert metrics.surface_distance_metrics(a, b)['nsd'] == 0.0
-  with pytest.raises(ValueError, match='must equal truth shape'):
-    metrics.hausdorff_distance(one, one[:3])
-  with pytest.raises(ValueError, match='spacing must be positive'):
-    metrics.hausdorff_distance(one, one, (1.0, 0.0))
-
-
-# ---------------------------------------------------- ISIC, calibration, CI
-
-
-def test_isic_thresholded_jaccard():
-  _close(metrics.isic_thresholded_jaccard([0.5, 0.65, 0.8, 0.7]),
-         (0 + 0.65 + 0.8 + 0.7) / 4)
-  _close(metrics.isic_thresholded_jaccard([0.6], threshold=0.5), 0.6)
-  assert np.isnan(metrics.isic_thresholded_jaccard([]))
-
-
-def test_expected_calibration_error_binary():
-  # Confidences 0.9, 0.9, 0.7, 0.7 (last: p = 0.3 -> predicts 0); correct
-  # 1, 0, 1, 1. Bins of 0.2: (0.8, 1]: acc 1/2, conf 0.9; (0.6, 0.8]: acc 1,
-  # conf 0.7. ECE = 2/4 * 0.4 + 2/4 * 0.3.
-  probs = np.array([0.9, 0.9, 0.7, 0.3])
-  labels = np.array([1, 0, 1, 0])
-  _close(metrics.expected_calibration_error(probs, labels, num_bins=5), 0.35)
-  bins = metrics.reliability_bins(probs, labels, num_bins=5)
-  np.testing.assert_array_equal(bins['count'], [0, 0, 0, 2, 2])
-  _close(bins['accuracy'][3:], [1.0, 0.5])
-  _close(bins['confidence'][3:], [0.7, 0.9])
-  assert np.isnan(bins['accuracy'][:3]).all()
-  # Masked pixels drop out; a trailing class axis of 1 is accepted.
-  _close(metrics.expected_calibration_error(
-      probs[:, None], labels, 5, mask=[1, 0, 1, 1]), (0.1 + 2 * 0.3) / 3)
-
-
-def test_expected_calibration_error_multiclass():
-  # Max probs 0.6 (argmax 0, label 0: correct) and 0.5 (argmax 2, label 1:
-  # wrong); 10 bins: one pixel each in (0.5, 0.6] and (0.4, 0.5].
-  probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5]])
-  labels = np.array([0, 1])
-  _close(metrics.expected_calibration_error(probs, labels, 10),
-         (0.4 + 0.5) / 2)
-  with pytest.raises(ValueError, match='probs shape'):
-    metrics.expected_calibration_error(probs, labels[:1])
-
-
-def test_mean_confidence_interval():
-  # n = 5, mean 3, s = sqrt(2.5); t_{0.975, 4} = 2.776445105 (t table).
-  half = 2.776445105 * math.sqrt(2.5) / math.sqrt(5)
-  mean, lo, hi = metrics.mean_confidence_interval([1, 2, 3, 4, 5])
-  _close([mean, lo, hi], [3.0, 3 - half, 3 + half], 1e-8)
-  # Same through SciPy's own interval helper, and a 90% level.
-  values = np.array([0.81, 0.74, 0.9, 0.66, 0.88, 0.79])
-  want = stats.t.interval(0.9, len(values) - 1, loc=values.mean(),
-                          scale=stats.sem(values))
-  _close(metrics.mean_confidence_interval(values, 0.9)[1:], want, 1e-10)
-  # NaN values are dropped; one value has no interval.
-  _close(metrics.mean_confidence_interval([1, np.nan, 2, 3, 4, 5]),
-         [3.0, 3 - half, 3 + half], 1e-8)
-  mean, lo, hi = metrics.mean_confidence_interval([0.7])
-  assert mean == 0.7 and np.isnan(lo) and np.isnan(hi)
-  assert all(np.isnan(metrics.mean_confidence_interval([])))

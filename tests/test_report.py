@@ -1,4 +1,4 @@
-"""Tests of medseg_jax.report: per-case rows, statistics, calibration, files.
+"""Tests of medseg_jax.report: per-case rows, statistics, files.
 
 Expected values are worked out by hand in the comments, or computed
 independently with numpy/scipy in the test.
@@ -7,7 +7,9 @@ independently with numpy/scipy in the test.
 import json
 import math
 import os
+import re
 
+import ml_collections
 import numpy as np
 import pytest
 from scipy import stats
@@ -228,44 +230,6 @@ def test_summarize_multiclass_and_single_case():
     report.summarize([])
 
 
-# -------------------------------------------------------------- calibration
-
-
-def test_calibration_equals_pooled_ece_and_bins():
-  rng = np.random.default_rng(1)
-  probs = [rng.dirichlet(np.ones(3), size=shape) for shape in
-           ((4, 5, 6), (3, 5, 6), (2, 5, 6))]
-  truths = [rng.integers(0, 3, p.shape[:-1]) for p in probs]
-  pooled_p = np.concatenate([p.reshape(-1, 3) for p in probs])
-  pooled_t = np.concatenate([t.ravel() for t in truths])
-  expected = metrics.reliability_bins(pooled_p, pooled_t, 10)
-  for chunk in (1 << 22, 7):  # whole cases, and chunks of single slices
-    acc = report.CalibrationAccumulator(10, chunk_pixels=chunk)
-    for p, t in zip(probs, truths):
-      acc.add(p, t)
-    out = acc.summary()
-    _close(out['ece'], metrics.expected_calibration_error(pooled_p, pooled_t,
-                                                          10), 1e-12)
-    np.testing.assert_array_equal(out['count'], expected['count'])
-    _close(out['confidence'], expected['confidence'], 1e-12)
-    _close(out['accuracy'], expected['accuracy'], 1e-12)
-    assert out['num_pixels'] == pooled_t.size
-
-
-def test_calibration_summary_binary_by_hand():
-  # Every pixel has foreground probability 0.9 (confidence 0.9); 3 of the 4
-  # pixels are foreground, so accuracy 0.75 and ECE |0.75 - 0.9| = 0.15.
-  probs = np.full((2, 2, 1), 0.9)
-  truth = np.array([[1, 1], [1, 0]])
-  out = report.calibration_summary([probs], [truth], num_bins=5)
-  _close(out['ece'], 0.15)
-  assert out['count'] == [0, 0, 0, 0, 4]
-  assert math.isnan(out['accuracy'][0])
-  assert report.calibration_summary([], [])['ece'] == 0.0
-  with pytest.raises(ValueError, match='probabilities shape'):
-    report.calibration_summary([probs[:1]], [truth])
-
-
 # -------------------------------------------------------------------- files
 
 
@@ -318,3 +282,63 @@ def test_write_summary_json_and_markdown(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['s.json', 's.md']
   text = report.summary_text(summary)
   assert 'Dice 0.7333' in text and '1 inf excluded' in text
+
+
+# --------------------------------------------- units, conventions, NSD, NaN
+
+
+def test_reports_name_units_and_distance_conventions(tmp_path):
+  # No spacing (a photograph): pixels, never mm; the summary and the report
+  # name the definition of each distance.
+  rows = report.case_metrics(PRED_2D, TRUTH_2D, 1, None, 'a')
+  summary = report.summarize(rows)
+  assert summary['distance_unit'] == 'pixels'
+  assert set(summary['distance_conventions']) == {'hd95', 'assd'}
+  assert 'MONAI compute_hausdorff_distance' in (
+      summary['distance_conventions']['hd95'])
+  report.write_summary(summary, str(tmp_path / 's.json'),
+                       str(tmp_path / 's.md'))
+  md = (tmp_path / 's.md').read_text()
+  assert '| hd95 (pixels) |' in md and not re.search(r'\bmm\b', md)
+  assert 'Distances (pixels): hd95: max of the two directed' in md
+  assert 'HD95 1.00 pixels' in report.summary_text(summary)
+
+
+def test_case_metrics_nsd_deepmind_column(tmp_path):
+  # The 2-row blocks of PRED_2D/TRUTH_2D, shifted by one column of 1.5 mm.
+  # Marching squares around each 2x3 block: 10 corner points, the 4 outer
+  # ones with cuts of d = hypot(2, 1.5) / 2 = 1.25 mm, 4 on the long sides
+  # with 1.5 mm segments and 2 on the short sides with 2 mm: perimeter 15.
+  # On the other contour (distance 0): the 4 long-side points and the 2
+  # outer corners on the shifted side, 6 + 2.5 = 8.5 mm; every other point is
+  # 1.5 mm (one column) or more away. NSD at 1 mm: 8.5 / 15 both ways.
+  rows = report.case_metrics(PRED_2D, TRUTH_2D, 1, (2.0, 1.5), 'a',
+                             nsd_tolerance=1.0)
+  _close(rows[0]['nsd'], 8.5 / 15)
+  assert rows[0]['nsd_tolerance'] == 1.0
+  summary = report.summarize(rows)
+  assert summary['nsd_tolerance'] == '1.0'
+  assert 'DeepMind' in summary['distance_conventions']['nsd']
+  _close(summary['classes'][0]['metrics']['nsd']['mean'], 8.5 / 15)
+  path = str(tmp_path / 'cases.csv')
+  report.write_case_csv(rows, path)
+  assert report.read_case_csv(path) == rows
+  md = report.summary_markdown(summary)
+  assert '| nsd@1.0 mm | 0.5667' in md
+
+
+def test_nan_values_are_counted_not_averaged():
+  stats = report.metric_statistics([0.8, float('nan'), 0.6])
+  _close(stats['mean'], 0.7)
+  assert stats['n'] == 2 and stats['excluded_nonfinite'] == 1
+
+
+def test_photographs_are_reported_in_pixels():
+  # ISIC/folder records carry a nominal (1.0, 1.0) spacing; evaluation must
+  # not turn it into millimetres. Volumes (and their slices) keep theirs.
+  from medseg_jax import evaluate  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({'data': {'source': 'isic2018'}})
+  record = {'spacing': (1.0, 1.0)}
+  assert evaluate._physical_spacing(config, record) is None  # pylint: disable=protected-access
+  config.data.source = 'nifti'
+  assert evaluate._physical_spacing(config, record) == (1.0, 1.0)  # pylint: disable=protected-access
