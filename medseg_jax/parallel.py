@@ -50,3 +50,22 @@ def global_batch(local_batch, mesh: Mesh):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
       local_batch)
+
+
+def process_zero_says(flag: bool) -> bool:
+  """Returns process 0's `flag` on every process (a collective when multi-process).
+
+  Used at start-up, e.g. so that every process stops when process 0 could
+  not lock the workdir, instead of waiting for it forever.
+  """
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached `name` (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)

@@ -51,6 +51,11 @@ def abstract_train_state(model, tx, input_shape, rng):
   return jax.eval_shape(init_fn(model, tx, input_shape), rng)
 
 
+def nbytes(abstract_state) -> int:
+  """Returns the bytes of a state's arrays (about what a checkpoint takes on disk)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
 def state_shardings(abstract_state, mesh):
   """Returns the sharding of every leaf of the state: replicated (data parallel)."""
   replicated = parallel.replicated_sharding(mesh)

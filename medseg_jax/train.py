@@ -1,18 +1,24 @@
 """train_and_evaluate(config, workdir): the training loop, in labelled sections.
 
-Checks (workdir, data set, mesh) -> input -> model and optimiser -> state
-(fresh or resumed) -> jitted steps -> loop (update, log, evaluate,
-checkpoint) -> summary.
+Checks (config values, workdir lock, recipe, data set, mesh) -> input ->
+model and optimiser -> state (every checkpoint checked against it; fresh, or
+resumed from the newest intact one) -> jitted steps -> loop (update, log,
+evaluate, checkpoint) -> summary. The checks all run at start-up: the train
+step itself is untouched.
 """
 
+import contextlib
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from medseg_jax import checkpoint as checkpoint_lib
+from medseg_jax import config_checks
+from medseg_jax import config_lib
 from medseg_jax import models
 from medseg_jax import optim
 from medseg_jax import parallel
@@ -25,21 +31,6 @@ from medseg_jax.data import pipeline
 
 class NonFiniteLossError(FloatingPointError):
   """Raised when the training loss becomes NaN or infinite."""
-
-
-def spatial_shape(data_cfg) -> tuple[int, ...]:
-  """Returns the spatial shape of a training example (the model's input).
-
-  The training patch when `config.data.patch_size` is set; else the volume
-  size of `synthetic3d`; else `config.data.image_size` (an int is square).
-  """
-  patch = tuple(data_cfg.get('patch_size', ()) or ())
-  if patch:
-    return patch
-  if data_cfg.source == 'synthetic3d':
-    return tuple(data_cfg.synthetic3d.volume_size)
-  size = data_cfg.image_size
-  return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def training_schedule(config, num_train: int) -> dict[str, int]:
@@ -145,8 +136,32 @@ def evaluate(eval_step, state, data, config, split: str, mesh) -> dict:
   return steps.summarize_eval_sums(_host(totals))
 
 
+@contextlib.contextmanager
+def _writer_lock(workdir: str):
+  """Holds the workdir's lock (process 0) while the run writes into it.
+
+  Every process learns whether process 0 got it, so none of them waits
+  forever for a process 0 that was refused.
+  """
+  with contextlib.ExitStack() as stack:
+    refusal = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lib.acquire_lock(workdir, 'training'))
+      except workdir_lib.WorkdirInUseError as e:
+        refusal = e
+    if not parallel.process_zero_says(refusal is None):
+      raise refusal or workdir_lib.WorkdirInUseError(
+          f'{workdir} is in use (process 0 could not lock it).')
+    yield
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates on the validation split and checkpoints, resuming if possible.
+
+  Before anything is written, the config's values are validated, the workdir
+  is locked (one writer), and a resume is checked against the run's
+  config.json (one recipe) and its checkpoints (same model).
 
   Args:
     config: the experiment's ConfigDict (see configs/default.py).
@@ -155,11 +170,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The validation metrics of the last evaluation, plus 'best_dice'.
   """
+  config_checks.validate_config(config)
+  workdir_lib.check_writable(workdir)
+  with _writer_lock(workdir):
+    return _train_locked(config, workdir)
+
+
+def _train_locked(config, workdir: str) -> dict:
+  """train_and_evaluate, once the config is valid and the workdir is ours."""
   is_main = jax.process_index() == 0
 
-  # Workdir, data set and mesh: every problem with them (the data set's
-  # files too, all listed at once) is reported before anything is written.
-  workdir_lib.check_writable(workdir)
+  # Recipe, data set and mesh: every problem with them (the data set's files
+  # too, all listed at once) is reported before anything is written.
+  workdir_lib.check_recipe(workdir, config)
   if config.data.get('check', True):
     check.assert_dataset_ok(config.data)
   data = pipeline.build_splits(config.data)
@@ -170,10 +193,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             'config.train.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh,
                             'config.eval.batch_size')
-  ckpt = checkpoint_lib.Checkpointer(workdir, config.train.max_checkpoints)
-  workdir_lib.check_resumable(workdir, config, ckpt.latest_step() is not None)
 
-  # Input.
+  # Input. Grain's worker processes read Grain's absl flags, which main's
+  # app.run parses; callers outside app.run (notebooks, tests) have none.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   train_iter = iter(pipeline.train_dataset(
       data, config.data, global_batch=config.train.batch_size,
       num_steps=total_steps, seed=config.seed,
@@ -185,31 +209,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
       config.optim, total_steps=total_steps, warmup_steps=sched['warmup_steps'])
   tx = optim.create_optimizer(config.optim, schedule)
 
-  # State: restored from the latest checkpoint, or fresh.
+  # State: every saved checkpoint (latest and best) must hold this model;
+  # then the newest intact latest one is restored, or the state is fresh.
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  input_shape = (1, *spatial_shape(config.data), config.data.in_channels)
+  input_shape = (1, *config_lib.spatial_shape(config), config.data.in_channels)
   abstract = state_lib.abstract_train_state(model, tx, input_shape, init_rng)
   shardings = state_lib.state_shardings(abstract, mesh)
-  start_step = ckpt.latest_step()
+  damaged = checkpoint_lib.check_all_match(workdir, abstract)
+  if is_main:
+    workdir_lib.write_config(workdir, config)
+  parallel.barrier('config_written')
+  ckpt = checkpoint_lib.Checkpointer(workdir, config.train.max_checkpoints,
+                                     state_bytes=state_lib.nbytes(abstract))
+  state, start_step = ckpt.restore_latest(
+      checkpoint_lib.abstract_with_shardings(abstract, shardings), train_iter,
+      is_main=is_main, known_damaged=damaged)
   if start_step is not None:
-    try:
-      state, start_step = ckpt.restore_latest(
-          checkpoint_lib.abstract_with_shardings(abstract, shardings),
-          train_iter)
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(
-          f'Cannot resume from the checkpoint in {workdir!r}: it does not '
-          f'match this config ({e}). Use a new --workdir, or the config it '
-          'was trained with. The checkpoint was not modified.') from e
     if is_main:
       print(f'Resuming from step {start_step} of {workdir}.')
   else:
     state = state_lib.create_train_state(model, tx, input_shape, init_rng, mesh)
     start_step = 0
-  if is_main:
-    workdir_lib.write_config(workdir, config)
   log = workdir_lib.MetricsLog(workdir, enabled=is_main)
-  best_dice = ckpt.best_metric()
+  log.start(start_step)
+  best_dice = ckpt.best_metric(is_main=is_main)
 
   # Steps, jitted once; the state is donated so it is updated in place.
   replicated = parallel.replicated_sharding(mesh)
@@ -233,6 +256,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logger = _IntervalLogger(log, bar, config.train.batch_size,
                            sched['steps_per_epoch'])
   last_checkpoint, val_metrics = start_step or None, {}
+  failed = True
   try:
     for step in range(start_step + 1, total_steps + 1):
       local = next(train_iter)
@@ -241,8 +265,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step == start_step + 1:  # Compile once, timed, before the first step.
         compile_start = time.perf_counter()
         train_step = train_step.lower(state, batch, train_rng).compile()
-        log.write(step, 'train', {'compile_time_s':
-                                  time.perf_counter() - compile_start})
+        log.write(step, 'compile', {'compile_time_s':
+                                    time.perf_counter() - compile_start})
         logger.restart_clock()
       state, step_metrics = train_step(state, batch, train_rng)
       logger.add(step, step_metrics)
@@ -258,16 +282,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
         bar.write(f'step {step}: val dice {val_metrics["dice"]:.4f} '
                   f'iou {val_metrics["iou"]:.4f}')
         if val_metrics['dice'] > best_dice:
-          best_dice = val_metrics['dice']
-          ckpt.save_best(step, state, val_metrics)
+          ckpt.check_space()
+          if ckpt.save_best(step, state, val_metrics):
+            best_dice = val_metrics['dice']
       if is_ckpt:
+        ckpt.check_space()
         ckpt.save_latest(step, state, train_iter)
         last_checkpoint = step
         logger.restart_clock()  # Evaluation and saving are not training time.
+    ckpt.wait()
+    failed = False
+  except Exception as e:  # pylint: disable=broad-except
+    if workdir_lib.is_disk_full(e) and not isinstance(
+        e, workdir_lib.DiskFullError):
+      raise ckpt.disk_full_error() from e
+    raise
   finally:  # Pending saves complete even when the run stops on an error.
     bar.close()
-    ckpt.close()
     train_iter.close()
+    try:
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      # A save that failed in the background (full disk) surfaces here.
+      if not workdir_lib.is_disk_full(e):
+        raise
+      if not failed:  # Else the error being raised says it already.
+        raise ckpt.disk_full_error() from e
   if not val_metrics:  # The run had already finished: report, do not retrain.
     val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
   val_metrics['best_dice'] = best_dice

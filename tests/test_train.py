@@ -137,6 +137,10 @@ def test_killed_and_resumed_run_ends_with_the_same_parameters(tmp_path):
   assert interrupted_at is not None and interrupted_at < 60, (
       'the run finished before it could be killed; make it longer')
   conftest.run_main(killed, **overrides)
+  # Steps logged after the checkpoint and before the kill were trained again:
+  # reports see each (step, split) once.
+  keys = [(e['step'], e['split']) for e in workdir_lib.read_metrics(killed)]
+  assert len(keys) == len(set(keys))
   a, step_a = checkpoint.load_state_arrays(tmp_path / 'straight')
   b, step_b = checkpoint.load_state_arrays(killed)
   assert step_a == step_b == 60
