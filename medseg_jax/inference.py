@@ -7,8 +7,8 @@ host NumPy) come out. The model runs through a *predict function*
 
     predict_fn(x [B, *patch, C], rng=None) -> probabilities [B, *patch, K]
 
-built by `make_predict_fn` (one model) or `make_ensemble_predict_fn`
-(several checkpoints). The pieces compose:
+built by `make_predict_fn` (one model, or a list of checkpoints whose
+probabilities are averaged). The pieces compose:
 
     predict_fn = make_predict_fn(model, variables)
     case = lambda im: sliding_window(predict_fn, im, (96, 96, 96))
@@ -17,8 +17,10 @@ built by `make_predict_fn` (one model) or `make_ensemble_predict_fn`
     maps = mc_dropout_predict(model, variables, image, 20, rng,
                               patch_size=(96, 96, 96))
 
-Resizing to the training size is the caller's business; post-processing of
-label maps is in `postprocess`, Grad-CAM in `gradcam`.
+Preparing a case as training did (resizing, intensity preprocessing,
+normalisation) and choosing among these pieces from a run's config is the
+`Predictor`'s business (`predictor.py`); post-processing of label maps is in
+`postprocess`, Grad-CAM in `gradcam`.
 """
 
 import itertools
@@ -29,42 +31,17 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import special
+
+from medseg_jax import metrics
 
 PredictFn = Callable[..., jax.Array]
 BLENDS = ('gaussian', 'constant')
 
 
-def _xp(a):
-  """Returns numpy for host arrays (which then stay on the host), else jnp."""
-  return np if isinstance(a, (np.ndarray, np.generic)) else jnp
-
-
-def probabilities(logits):
-  """Returns class probabilities of logits `[..., K]`.
-
-  K == 1: the sigmoid, keeping the single channel; K >= 2: the softmax over
-  the last axis. Computed in float32; NumPy in, NumPy out; jittable.
-  """
-  xp = _xp(logits)
-  x = xp.asarray(logits, dtype=xp.float32)
-  if x.shape[-1] == 1:
-    return special.expit(x) if xp is np else jax.nn.sigmoid(x)
-  if xp is np:
-    return special.softmax(x, axis=-1).astype(np.float32)
-  return jax.nn.softmax(x, axis=-1)
-
-
-def labels_from_probabilities(probs, threshold: float = 0.5):
-  """Returns the int32 label map `[...]` of probabilities `[..., K]`.
-
-  K == 1: 1 where p > threshold (as `metrics.predict_classes`); K >= 2:
-  argmax over classes (threshold ignored). NumPy in, NumPy out; jittable.
-  """
-  xp = _xp(probs)
-  if probs.shape[-1] == 1:
-    return (probs[..., 0] > threshold).astype(xp.int32)
-  return xp.argmax(probs, axis=-1).astype(xp.int32)
+# The probability rule (sigmoid for K == 1, softmax otherwise) is defined once,
+# in `metrics`; these names keep working for callers of `inference`.
+probabilities = metrics.probabilities
+labels_from_probabilities = metrics.labels_from_probabilities
 
 
 def predictive_entropy(probs):
@@ -113,7 +90,37 @@ def _jitted_apply(model, mc_dropout: bool):
   return jax.jit(apply)
 
 
-def _predict_wrapper(jitted, variables_list, mc_dropout: bool) -> PredictFn:
+def make_predict_fn(model, variables, *, mc_dropout: bool = False
+                    ) -> PredictFn:
+  """Returns the jitted predict function of one trained model or an ensemble.
+
+  Args:
+    model: a Flax module with `apply(variables, x, train, mc_dropout, rngs)`
+      returning logits `[B, *spatial, K]`.
+    variables: {'params': ..., 'batch_stats': ...} (batch_stats optional)
+      of one model, or a list of such dicts of the same structure (an
+      ensemble, e.g. the best checkpoint of each cross-validation fold).
+    mc_dropout: keep dropout on (Monte Carlo dropout; norms stay in eval
+      mode); the function then needs an `rng`.
+
+  Returns:
+    `predict_fn(x [B, *spatial, C], rng=None) -> probabilities [B, *spatial,
+    K]` float32 (a device array; dispatch is asynchronous); for an ensemble
+    the mean of the members' probabilities. It is compiled once per input
+    shape (and key type), shared by every member; inputs are cast to float32
+    first so a float64 input does not compile a second program. Without
+    mc_dropout `rng` is ignored. `predict_fn.jitted` is the underlying
+    `jit((variables, x, rng) -> probabilities)`.
+
+  Raises:
+    ValueError: an empty list of variables.
+  """
+  members = (list(variables) if isinstance(variables, (list, tuple))
+             else [variables])
+  if not members:
+    raise ValueError('make_predict_fn needs at least one set of variables '
+                     '(one per checkpoint of an ensemble).')
+  jitted = _jitted_apply(model, mc_dropout)
   dummy_rng = jax.random.PRNGKey(0)
 
   def predict(x, rng=None):
@@ -123,58 +130,13 @@ def _predict_wrapper(jitted, variables_list, mc_dropout: bool) -> PredictFn:
     x = jnp.asarray(x, jnp.float32)
     rng = rng if mc_dropout else dummy_rng  # One signature: one compilation.
     total = None
-    for variables in variables_list:
-      probs = jitted(variables, x, rng)
+    for member in members:
+      probs = jitted(member, x, rng)
       total = probs if total is None else total + probs
-    return total / len(variables_list) if len(variables_list) > 1 else total
+    return total / len(members) if len(members) > 1 else total
 
   predict.jitted = jitted
   return predict
-
-
-def make_predict_fn(model, variables, *, mc_dropout: bool = False
-                    ) -> PredictFn:
-  """Returns the jitted predict function of one trained model.
-
-  Args:
-    model: a Flax module with `apply(variables, x, train, mc_dropout, rngs)`
-      returning logits `[B, *spatial, K]`.
-    variables: {'params': ..., 'batch_stats': ...} (batch_stats optional).
-    mc_dropout: keep dropout on (Monte Carlo dropout; norms stay in eval
-      mode); the function then needs an `rng`.
-
-  Returns:
-    `predict_fn(x [B, *spatial, C], rng=None) -> probabilities [B, *spatial,
-    K]` float32 (a device array; dispatch is asynchronous). It is compiled
-    once per input shape (and key type); inputs are cast to float32 first so
-    a float64 input does not compile a second program. Without mc_dropout
-    `rng` is ignored. `predict_fn.jitted` is the underlying
-    `jit((variables, x, rng) -> probabilities)`.
-  """
-  return _predict_wrapper(_jitted_apply(model, mc_dropout), [variables],
-                          mc_dropout)
-
-
-def make_ensemble_predict_fn(model, variables_list: Sequence, *,
-                             mc_dropout: bool = False) -> PredictFn:
-  """Returns a predict function averaging probabilities over checkpoints.
-
-  Args:
-    model: the Flax module every checkpoint was trained with.
-    variables_list: one variables dict per member (e.g. the best checkpoint
-      of each cross-validation fold); all with the same structure.
-    mc_dropout: as in `make_predict_fn`.
-
-  Returns:
-    `predict_fn(x, rng=None)` as in `make_predict_fn`, returning the mean of
-    the members' probabilities. All members share one compiled program.
-  """
-  variables_list = list(variables_list)
-  if not variables_list:
-    raise ValueError('make_ensemble_predict_fn needs at least one set of '
-                     'variables (one per checkpoint).')
-  return _predict_wrapper(_jitted_apply(model, mc_dropout), variables_list,
-                          mc_dropout)
 
 
 def _call(predict_fn: PredictFn, x, rng):

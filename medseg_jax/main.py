@@ -8,14 +8,17 @@ Modes:
   check_data  check the data set of --config and list every problem found.
 
 Every config field can be overridden, e.g. `--config.optim.lr=3e-4`.
-evaluate and predict use the run's config.json when --config is left out, and
-`--config.KEY=VALUE` flags then change it, e.g.
+evaluate and predict use the run's config.json (merged over
+configs/default.py) when --config is left out: main then passes
+`--config=configs/run.py:<workdir>`, so `--config.KEY=VALUE` flags change it
+as they change any config file, e.g.
 
   python -m medseg_jax.main --mode=predict --workdir=runs/x --input=in/ \
       --output=out/ --config.eval.mc_samples=20 --config.eval.tta=True
 
 With --config (e.g. another data set for external validation) or overrides,
-the model part must stay the run's.
+the model part must stay the run's. predict refuses to replace the files of
+an earlier prediction unless --overwrite is given.
 
 For several processes (one per host, or several on one machine for testing)
 pass --coordinator_address, --num_processes and --process_id, or let
@@ -23,6 +26,7 @@ pass --coordinator_address, --num_processes and --process_id, or let
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -31,13 +35,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from medseg_jax import overrides as overrides_lib
+from medseg_jax import config_lib
 from medseg_jax import train
-from medseg_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file, e.g. configs/unetpp.py:cpu.',
+    'config', None, 'Experiment config file, e.g. configs/unetpp.py:cpu; for '
+    'evaluate/predict, configs/run.py:<workdir> (the default there).',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'check_data'],
@@ -49,6 +53,8 @@ flags.DEFINE_integer('step', None, 'evaluate/predict: load this step.')
 flags.DEFINE_string('input', None, 'predict: an image, a NIfTI file, a DICOM '
                     'series folder, or a folder of those.')
 flags.DEFINE_string('output', None, 'predict: folder for the masks.')
+flags.DEFINE_bool('overwrite', False, 'predict: replace the files of an '
+                  'earlier prediction in --output (refused otherwise).')
 flags.DEFINE_list('ensemble', [], 'evaluate/predict: workdirs of other runs '
                   'of the same model (e.g. the other cross-validation folds) '
                   "whose probabilities are averaged with --workdir's.")
@@ -57,20 +63,49 @@ flags.DEFINE_string('coordinator_address', None,
 flags.DEFINE_integer('num_processes', None, 'Number of JAX processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this JAX process.')
 
-# (key, text) of the `--config.KEY=VALUE` flags given without --config; they
-# change the run's config.json (evaluate/predict). Set by _parse_flags.
-_RUN_OVERRIDES: list[tuple[str, str | None]] = []
+_RUN_MODES = ('evaluate', 'predict')  # Modes that default to the run's config.
+_OVERRIDE = re.compile(r'^--?(?:no)?config\.([A-Za-z0-9_.]+)')
+
+
+def _flag_value(argv, name: str) -> str | None:
+  """Returns the value of `--name=V` or `--name V` in argv (the last one)."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith((f'--{name}=', f'-{name}=')):
+      value = arg.split('=', 1)[1]
+    elif arg in (f'--{name}', f'-{name}') and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _with_run_config(argv) -> list[str]:
+  """Adds `--config=configs/run.py:<workdir>` for evaluate/predict without one.
+
+  It goes first: config_flags wants `--config` before its `--config.KEY`s.
+  """
+  if (_flag_value(argv, 'config') is not None or
+      _flag_value(argv, 'mode') not in _RUN_MODES):
+    return list(argv)
+  workdir = _flag_value(argv, 'workdir')
+  if workdir is None:
+    return list(argv)  # _require names the missing --workdir.
+  return [argv[0], f'--config={config_lib.RUN_CONFIG}:{workdir}', *argv[1:]]
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(1)
 
 
 def _unknown_key_error(argv, error) -> str:
   """Explains an unknown `--config.KEY` (config_flags raises a KeyError)."""
-  path = next((a.split('=', 1)[1] for a in argv
-               if a.startswith(('--config=', '-config='))), None)
   try:
-    parser = config_flags.config_flags.ConfigFileFlagParser('config')
-    config = parser.parse(path)
-    for key, _ in overrides_lib.split_overrides(argv)[1]:
-      overrides_lib.resolve_key(config, key)
+    config = config_flags.config_flags.ConfigFileFlagParser('config').parse(
+        _flag_value(argv, 'config'))
+    for arg in argv[1:]:
+      match = _OVERRIDE.match(arg)
+      if match:
+        config_lib.resolve_key(config, match.group(1))
   except ValueError as e:
     return str(e)
   except Exception:  # pylint: disable=broad-except
@@ -79,18 +114,28 @@ def _unknown_key_error(argv, error) -> str:
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, plus --config.* flags on the run's config.json."""
-  if not overrides_lib.has_config_flag(argv):
-    argv, overrides = overrides_lib.split_overrides(argv)
-    _RUN_OVERRIDES[:] = overrides
+  """absl's flag parsing, with the run's config for evaluate/predict."""
+  argv = _with_run_config(argv)
+  sys.argv[:] = argv  # config_flags reads its --config.KEY flags from here.
+  if _flag_value(argv, 'config') is None:
+    keys = [m.group(1) for m in map(_OVERRIDE.match, argv[1:]) if m]
+    if keys:
+      _fail(f'--config.{keys[0]} needs --config (a config file), or '
+            f'--mode={"|".join(_RUN_MODES)} with --workdir (the run\'s '
+            'config.json).')
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # config_flags: no such field.
-    print(f'error: {_unknown_key_error(argv, e)}', file=sys.stderr)
-    sys.exit(1)
+    _fail(_unknown_key_error(argv, e))
   except OSError as e:  # config_flags: the --config file does not load.
-    print(f'error: --config: {e}', file=sys.stderr)
-    sys.exit(1)
+    _fail(_load_error(e))
+
+
+def _load_error(error: OSError) -> str:
+  """The message of a config file that did not load (config_flags wraps it)."""
+  if isinstance(error.__cause__, FileNotFoundError):
+    return str(error.__cause__)  # configs/run.py: a run without config.json.
+  return '--config: ' + ' '.join(str(error).split())  # One line.
 
 
 def _check_config_loads() -> None:
@@ -101,7 +146,7 @@ def _check_config_loads() -> None:
   try:
     FLAGS.config.keys()
   except OSError as e:
-    raise ValueError(f'--config={FLAGS["config"].config_filename}: {e}') from e
+    raise ValueError(_load_error(e)) from e
 
 
 def _initialize_distributed() -> None:
@@ -129,21 +174,6 @@ def _require(*names: str) -> None:
     raise app.UsageError(f'--mode={FLAGS.mode} needs {", ".join(missing)}.')
 
 
-def _config():
-  """Returns --config, or the run's config.json with the --config.* flags.
-
-  evaluate/predict only; either way the model must be the run's.
-  """
-  if FLAGS.config is not None:
-    workdir_lib.check_same_model(FLAGS.workdir, FLAGS.config)
-    return FLAGS.config
-  config = workdir_lib.load_config(FLAGS.workdir)
-  if _RUN_OVERRIDES:
-    overrides_lib.apply_overrides(config, _RUN_OVERRIDES)
-    workdir_lib.check_same_model(FLAGS.workdir, config)
-  return config
-
-
 def _train() -> None:
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
@@ -159,11 +189,6 @@ def _train() -> None:
 def _run_mode() -> None:
   """Dispatches on --mode (imports are per mode: each pulls in only its own)."""
   _check_config_loads()
-  if _RUN_OVERRIDES and FLAGS.mode not in ('evaluate', 'predict'):
-    raise app.UsageError(
-        f'--config.{_RUN_OVERRIDES[0][0]} without --config: --mode='
-        f'{FLAGS.mode} needs --config (only evaluate and predict change the '
-        "run's config.json).")
   if FLAGS.mode == 'train':
     _require('config', 'workdir')
     _train()
@@ -171,21 +196,22 @@ def _run_mode() -> None:
     _require('config')
     from medseg_jax.data import check  # pylint: disable=import-outside-toplevel
     problems = check.check_dataset(FLAGS.config.data)
-    print(check.format_problems(problems, FLAGS.config.data.get('root', '')))
+    print(check.format_problems(problems, FLAGS.config.data.root))
     if problems:
       sys.exit(1)
   elif FLAGS.mode == 'evaluate':
     _require('workdir')
     from medseg_jax import evaluate  # pylint: disable=import-outside-toplevel
-    evaluate.evaluate_run(_config(), FLAGS.workdir, split=FLAGS.split,
+    evaluate.evaluate_run(FLAGS.config, FLAGS.workdir, split=FLAGS.split,
                           which=FLAGS.checkpoint, step=FLAGS.step,
                           ensemble=FLAGS.ensemble)
   elif FLAGS.mode == 'predict':
     _require('workdir', 'input', 'output')
     from medseg_jax import predict  # pylint: disable=import-outside-toplevel
-    failures = predict.predict_paths(_config(), FLAGS.workdir, FLAGS.input,
-                                     FLAGS.output, which=FLAGS.checkpoint,
-                                     step=FLAGS.step, ensemble=FLAGS.ensemble)
+    failures = predict.predict_paths(
+        FLAGS.config, FLAGS.workdir, FLAGS.input, FLAGS.output,
+        which=FLAGS.checkpoint, step=FLAGS.step, ensemble=FLAGS.ensemble,
+        overwrite=FLAGS.overwrite)
     if failures:
       sys.exit(1)
 

@@ -360,8 +360,8 @@ def plot_reliability(bins: dict, path: str) -> None:
   """Writes a reliability diagram with the ECE in its title.
 
   Args:
-    bins: `report.CalibrationAccumulator.summary()` or
-      `metrics.reliability_bins` output ('edges', 'confidence', 'accuracy',
+    bins: `calibration.CalibrationAccumulator.summary()` or
+      `calibration.reliability_bins` output ('edges', 'confidence', 'accuracy',
       'count', optional 'ece'; None read back from JSON counts as empty).
     path: PNG file to write.
   """

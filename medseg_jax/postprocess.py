@@ -107,3 +107,26 @@ def fill_holes(labels, classes: Sequence[int] | None = None) -> np.ndarray:
     filled = ndimage.binary_fill_holes(labels == c)
     out[filled & (out == 0)] = c
   return out
+
+
+def from_config(labels, post_cfg) -> np.ndarray:
+  """Applies the steps `config.eval.postprocess` turns on, in a fixed order.
+
+  Holes are filled first, then components smaller than `min_size` removed,
+  then the largest component of each class kept.
+
+  Args:
+    labels: integer label map `[*spatial]`.
+    post_cfg: `config.eval.postprocess` (fill_holes, min_size,
+      largest_component).
+
+  Returns:
+    The post-processed label map (the input itself when every step is off).
+  """
+  if post_cfg.fill_holes:
+    labels = fill_holes(labels)
+  if post_cfg.min_size:
+    labels = remove_small_components(labels, post_cfg.min_size)
+  if post_cfg.largest_component:
+    labels = keep_largest_component(labels)
+  return labels

@@ -29,20 +29,24 @@ resampling) and are predicted by sliding windows of the training patch, then
 resampled back. A file that fails is reported and the others still run; the
 failures are listed at the end and the exit code is 1. Entries of an input
 folder that are neither images nor volumes are listed as skipped. Nothing is
-written into the input folder.
+written into the input folder, and nothing over the files of an earlier
+prediction unless `--overwrite` is given (then they are replaced). The
+prediction itself is `medseg_jax.Predictor`'s; this module reads the inputs
+and writes the files.
 """
 
 import dataclasses
 import os
 
-import jax
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-from medseg_jax import evaluate
+from medseg_jax import config_lib
+from medseg_jax import fileio
 from medseg_jax import gradcam
-from medseg_jax import inference
+from medseg_jax import predictor as predictor_lib
+from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import errors
 from medseg_jax.data import image_io
 from medseg_jax.data import preprocess
 from medseg_jax.data import volume_io
@@ -134,231 +138,150 @@ def output_stem(path: str) -> str:
   return name
 
 
-def _check_channels(image: np.ndarray, config, path: str) -> np.ndarray:
-  """Returns the image with the model's channel count, or raises."""
-  want = evaluate.volume_channels(config) if image.ndim == 4 else \
-      config.data.in_channels
-  have = image.shape[-1]
-  if have == want:
-    return image
-  if have == 1 and want == 3:  # Grayscale photograph for an RGB model.
-    return np.repeat(image, 3, axis=-1)
-  context = evaluate.slice_context(config)
-  slices = (f' ({config.data.in_channels} = {want} x {2 * context + 1} '
-            'slices)') if context else ''
-  raise volume_io.FileError(
-      path, f'the image has {have} channel(s), the model was trained on '
-      f'{want}{slices} (config.data.in_channels).')
+MC_MAPS = ('mean', 'std', 'entropy', 'mutual_information')
 
 
-def _check_spatial_dims(config, path: str, ndim: int) -> None:
-  """Raises if the model cannot take `ndim`-D inputs (a photo for a 3D model).
+def output_names(path: str, config) -> list[str]:
+  """Returns the names of the files predicting `path` writes, mask first.
 
-  A run trained on slices of volumes predicts volumes, slice by slice.
+  Args:
+    path: an input (image, NIfTI file or DICOM series folder).
+    config: the run's config (`eval.save_probabilities`, `eval.mc_samples`,
+      `eval.gradcam_layer`).
   """
-  spatial = evaluate.model_input_shape(config)[1:-1]
-  sliced = evaluate.slice_context(config) is not None
-  if (len(spatial) == ndim) != sliced:
+  stem = output_stem(path)
+  suffix = '.png' if _is_image(path) else '.nii.gz'
+  array = '.npy' if _is_image(path) else '.nii.gz'
+  names = [stem + suffix]
+  if config.eval.save_probabilities:
+    names.append(f'{stem}_prob{array}')
+  if _is_image(path) and config.eval.gradcam_layer:
+    names.append(f'{stem}_gradcam.png')
+  if config.eval.mc_samples:
+    names.extend(f'{stem}_{name}{array}' for name in MC_MAPS)
+  return names
+
+
+def check_output_free(inputs, output_dir: str, config,
+                      overwrite: bool) -> None:
+  """Raises if `output_dir` is a file, or holds outputs and not `overwrite`.
+
+  Args:
+    inputs: the inputs to predict (`list_inputs`).
+    output_dir: --output.
+    config: the run's config (which files each input writes).
+    overwrite: --overwrite: files of an earlier prediction may be replaced.
+
+  Raises:
+    ValueError: one line naming --output and the first file in the way.
+  """
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise ValueError(f'--output={output_dir!r} is a file; --output is the '
+                     'folder the masks are written to: pass a folder.')
+  if overwrite:
     return
-  what = 'a 2D image' if ndim == 2 else 'a volume'
-  hint = ('give it NIfTI files or DICOM series' if len(spatial) == 3 or sliced
-          else 'give it 2D images')
-  trained = 'slices of volumes' if sliced else f'inputs of {spatial}'
-  raise volume_io.FileError(
-      path, f'{what} cannot be predicted by this {len(spatial)}D model '
-      f'(trained on {trained}); {hint}.')
-
-
-def _resize(array: np.ndarray, shape, order: int) -> np.ndarray:
-  """Resizes the spatial axes of `[*spatial, K]` to `shape`."""
-  factors = [t / s for t, s in zip(shape, array.shape[:-1])] + [1.0]
-  if all(f == 1.0 for f in factors):
-    return array
-  out = ndimage.zoom(array, factors, order=order, mode='nearest', grid_mode=True)
-  return out
-
-
-def check_mc_settings(config) -> None:
-  """Raises before any prediction if MC dropout is asked for but cannot work."""
-  samples = config.eval.get('mc_samples', 0)
-  if not samples:
-    return
-  if samples < 2:
-    raise ValueError(f'config.eval.mc_samples={samples}: MC dropout needs at '
-                     'least 2 samples (20 is common), or 0 for none.')
-  if not config.model.get('dropout_rate', 0.0) > 0:
+  taken = [name for path in inputs for name in output_names(path, config)
+           if os.path.lexists(os.path.join(output_dir, name))]
+  if taken:
     raise ValueError(
-        f'config.eval.mc_samples={samples} needs a model trained with dropout, '
-        'but this run has config.model.dropout_rate='
-        f'{config.model.get("dropout_rate", 0.0)}. Set '
-        '--config.eval.mc_samples=0, or train with --config.model.dropout_rate'
-        '=0.1 (or more).')
+        f'--output={output_dir!r} already holds {len(taken)} of the files '
+        f'this would write (e.g. {taken[0]}); pass --overwrite to replace '
+        'them, or choose another --output.')
 
 
-def _gradcam_layer(config) -> str:
-  return config.eval.get('gradcam_layer', '') or ''
+def _save_npy(path: str, array: np.ndarray) -> None:
+  with fileio.atomic_write(path, 'wb') as f:
+    np.save(f, array)
 
 
-class Predictor:
-  """A trained run's model with the inference settings of its config."""
+def check_gradcam_layer(predictor) -> None:
+  """Raises before any prediction if config.eval.gradcam_layer is unusable.
 
-  def __init__(self, config, workdir: str, which: str = 'best', step=None,
-               ensemble=()):
-    """Args: the run's config and workdir, its checkpoint (`which`, `step`),
-    and other runs' workdirs to average with it (`ensemble`)."""
-    check_mc_settings(config)
-    if ensemble and (config.eval.get('mc_samples', 0) or
-                     _gradcam_layer(config)):
-      raise ValueError('--ensemble averages probabilities; MC-dropout maps '
-                       '(config.eval.mc_samples) and Grad-CAM '
-                       '(config.eval.gradcam_layer) are per model: run them '
-                       'without --ensemble.')
-    self.config = config
-    self.model, self.variables, self.step = evaluate.load_model(
-        config, workdir, which, step)
-    members = evaluate.load_ensemble_members(config, ensemble, which)
-    self.predict_case = evaluate.make_case_predictor(
-        config, self.model, [self.variables, *members] if members else
-        self.variables)
-    self._normalize = evaluate.normalizer(config)
-    self._check_gradcam_layer()
+  Args:
+    predictor: the run's Predictor.
 
-  def _check_gradcam_layer(self) -> None:
-    """Raises before any prediction if config.eval.gradcam_layer is unusable."""
-    layer = _gradcam_layer(self.config)
-    if not layer:
-      return
-    spatial = evaluate.model_input_shape(self.config)[1:-1]
-    if len(spatial) != 2 or evaluate.slice_context(self.config) is not None:
-      raise ValueError('config.eval.gradcam_layer: predict writes Grad-CAM '
-                       'overlays for 2D image runs only; for volumes call '
-                       'medseg_jax.gradcam.grad_cam on a case.')
-    dummy = np.zeros(evaluate.model_input_shape(self.config)[1:], np.float32)
-    names = gradcam.feature_layer_names(self.model, self.variables, dummy)
-    if layer not in names:
-      raise ValueError(f'config.eval.gradcam_layer={layer!r} is not a '
-                       f'feature-map layer of this {self.config.model.name}; '
-                       f'choose one of: {", ".join(names)}.')
-
-  def gradcam_overlay(self, raw: np.ndarray, resized: np.ndarray
-                      ) -> np.ndarray:
-    """Returns the RGB uint8 Grad-CAM overlay of `config.eval.gradcam_layer`
-    on the raw image, from the model input `resized` (the training size)."""
-    heatmap = gradcam.grad_cam(self.model, self.variables,
-                               self._model_input(resized),
-                               _gradcam_layer(self.config),
-                               threshold=self.config.eval.threshold)
-    heatmap = _resize(heatmap[..., None], raw.shape[:2], order=1)[..., 0]
-    return gradcam.overlay(raw, np.clip(heatmap, 0.0, 1.0))
-
-  def _model_input(self, image: np.ndarray) -> np.ndarray:
-    """The normalised model input of a raw image (slices for a slice run)."""
-    image = evaluate.as_model_input(self.config, image)
-    return self._normalize({'image': image})['image']
-
-  def probabilities(self, image: np.ndarray) -> np.ndarray:
-    """Returns the probabilities `[*spatial, K]` of a raw (unnormalised) image."""
-    return np.asarray(self.predict_case(self._model_input(image)), np.float32)
-
-  def _mc_maps_of(self, image: np.ndarray, rng) -> dict[str, np.ndarray]:
-    eval_cfg = self.config.eval
-    patch = tuple(self.config.data.get('patch_size', ()) or ()) or None
-    maps = inference.mc_dropout_predict(
-        self.model, self.variables, image, num_samples=eval_cfg.mc_samples,
-        rng=rng, patch_size=patch, overlap=eval_cfg.get('overlap', 0.5),
-        blend=eval_cfg.get('blend', 'gaussian'),
-        batch_size=eval_cfg.get('sw_batch_size', 4))
-    return {k: np.asarray(v, np.float32) for k, v in maps.items()}
-
-  def mc_maps(self, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns MC-dropout mean/std/entropy/mutual-information maps of a raw
-    image, whole or by the sliding windows of `probabilities` (slice by
-    slice, restacked, for a run trained on slices of volumes)."""
-    image = self._model_input(image)
-    rng = jax.random.PRNGKey(0)
-    if evaluate.slice_context(self.config) is None:
-      return self._mc_maps_of(image, rng)
-    per_slice = [self._mc_maps_of(s, jax.random.fold_in(rng, z))
-                 for z, s in enumerate(image)]
-    return {k: np.stack([m[k] for m in per_slice]) for k in per_slice[0]}
-
-  def labels(self, probs: np.ndarray) -> np.ndarray:
-    """Returns the post-processed label map of probabilities `[*spatial, K]`."""
-    labels = inference.labels_from_probabilities(probs,
-                                                 self.config.eval.threshold)
-    return evaluate.postprocess_labels(np.asarray(labels), self.config.eval)
-
-
-def predict_image(predictor: Predictor, path: str, out_dir: str) -> list[str]:
-  """Predicts one 2D image file; returns the files written."""
+  Raises:
+    ValueError: an ensemble, a volume run, or a name that is not a layer
+      (the valid names are listed).
+  """
   config = predictor.config
-  _check_spatial_dims(config, path, 2)
-  raw = _check_channels(image_io.read_image(path), config, path)
-  size = config.data.image_size
-  size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-  resized = image_io.resize_image(raw, size)
-  probs = _resize(predictor.probabilities(resized), raw.shape[:2], order=1)
-  stem = os.path.join(out_dir, output_stem(path))
-  image_io.write_mask_png(stem + '.png', predictor.labels(probs),
-                          num_classes=config.data.num_classes,
-                          label_values=tuple(config.data.get('label_values',
-                                                             ()) or ()))
-  written = [stem + '.png']
-  if config.eval.save_probabilities:
-    np.save(stem + '_prob.npy', probs)
-    written.append(stem + '_prob.npy')
-  if _gradcam_layer(config):
-    Image.fromarray(predictor.gradcam_overlay(raw, resized)).save(
-        stem + '_gradcam.png')
-    written.append(stem + '_gradcam.png')
-  if config.eval.mc_samples:
-    for name, values in predictor.mc_maps(resized).items():
-      scalar = values.ndim == 2  # entropy, mutual_information: [H, W].
-      values = _resize(values[..., None] if scalar else values, raw.shape[:2],
-                       order=1)
-      np.save(f'{stem}_{name}.npy', values[..., 0] if scalar else values)
-      written.append(f'{stem}_{name}.npy')
-  return written
+  layer = config.eval.gradcam_layer
+  if not layer:
+    return
+  if len(predictor.members) > 1:
+    raise ValueError('--ensemble averages probabilities; Grad-CAM '
+                     '(config.eval.gradcam_layer) is per model: run it '
+                     'without --ensemble.')
+  if predictor.case_ndim != 2:
+    raise ValueError('config.eval.gradcam_layer: predict writes Grad-CAM '
+                     'overlays for 2D image runs only; for volumes call '
+                     'medseg_jax.gradcam.grad_cam on a case.')
+  dummy = np.zeros(config_lib.model_input_shape(config)[1:], np.float32)
+  names = gradcam.feature_layer_names(predictor.model, predictor.variables,
+                                      dummy)
+  if layer not in names:
+    raise ValueError(f'config.eval.gradcam_layer={layer!r} is not a '
+                     f'feature-map layer of this {config.model.name}; '
+                     f'choose one of: {", ".join(names)}.')
 
 
-def predict_volume(predictor: Predictor, path: str, out_dir: str) -> list[str]:
-  """Predicts one NIfTI file or DICOM series; returns the files written."""
+def gradcam_overlay(predictor, raw: np.ndarray) -> np.ndarray:
+  """Returns the RGB uint8 Grad-CAM overlay of `config.eval.gradcam_layer`.
+
+  Args:
+    predictor: the run's Predictor (a 2D image run).
+    raw: the image as read, `[H, W, C]`; the heat map is computed at the
+      training size and resized back to it.
+  """
   config = predictor.config
-  _check_spatial_dims(config, path, 3)
-  volume = volume_io.read_volume(path)
-  array = volume.array if volume.array.ndim == 4 else volume.array[..., None]
-  array = _check_channels(array.astype(np.float32), config, path)
-  image, _, _ = preprocess.preprocess_case(array, None, volume.spacing,
-                                           config.data.preprocess)
-  probs = predictor.probabilities(image)
-  probs = preprocess.resample_to_shape(probs, array.shape[:-1], order=1)
-  stem = os.path.join(out_dir, output_stem(path))
-  volume_io.write_nifti_like(stem + '.nii.gz',
-                             predictor.labels(probs).astype(np.uint8), volume)
-  written = [stem + '.nii.gz']
+  heatmap = gradcam.grad_cam(
+      predictor.model, predictor.variables,
+      predictor.model_input(predictor.prepare(raw)),
+      config.eval.gradcam_layer, threshold=config.eval.threshold)
+  heatmap = preprocess.resample_to_shape(np.asarray(heatmap, np.float32),
+                                         raw.shape[:2], order=1)
+  return gradcam.overlay(raw, np.clip(heatmap, 0.0, 1.0))
+
+
+def write_prediction(predictor, path: str, out_dir: str) -> list[str]:
+  """Predicts one input and writes its files (see `output_names`).
+
+  Args:
+    predictor: the run's Predictor.
+    path: an image, NIfTI file or DICOM series folder.
+    out_dir: the output folder (exists).
+
+  Returns:
+    The paths written, mask first.
+  """
+  config = predictor.config
+  prediction, case = predictor.predict_file(path)
+  names = iter(output_names(path, config))
+  written = [os.path.join(out_dir, next(names))]
+  if case.kind == 'image':
+    image_io.write_mask_png(written[0], prediction.labels,
+                            num_classes=config.data.num_classes,
+                            label_values=tuple(config.data.label_values))
+    write_array = _save_npy
+  else:
+    volume_io.write_nifti_like(written[0],
+                               prediction.labels.astype(np.uint8), case.volume)
+    write_array = lambda p, a: volume_io.write_nifti_like(p, a, case.volume)
   if config.eval.save_probabilities:
-    volume_io.write_nifti_like(stem + '_prob.nii.gz', probs, volume)
-    written.append(stem + '_prob.nii.gz')
-  if config.eval.mc_samples:
-    for name, values in predictor.mc_maps(image).items():
-      scalar = values.ndim == 3  # entropy, mutual_information: [D, H, W].
-      values = preprocess.resample_to_shape(
-          values[..., None] if scalar else values, array.shape[:-1], order=1)
-      volume_io.write_nifti_like(f'{stem}_{name}.nii.gz',
-                                 values[..., 0] if scalar else values, volume)
-      written.append(f'{stem}_{name}.nii.gz')
+    written.append(os.path.join(out_dir, next(names)))
+    write_array(written[-1], prediction.probabilities)
+  if case.kind == 'image' and config.eval.gradcam_layer:
+    written.append(os.path.join(out_dir, next(names)))
+    with fileio.atomic_write(written[-1], 'wb') as f:
+      Image.fromarray(gradcam_overlay(predictor, case.image)).save(f, 'PNG')
+  for name in MC_MAPS if prediction.uncertainty else ():
+    written.append(os.path.join(out_dir, next(names)))
+    write_array(written[-1], prediction.uncertainty[name])
   return written
-
-
-def _predict_one(predictor: Predictor, path: str, out_dir: str) -> list[str]:
-  if _is_image(path):
-    return predict_image(predictor, path, out_dir)
-  return predict_volume(predictor, path, out_dir)
-
 
 def _reason(error: Exception, path: str) -> str:
   """The message of an input's error (with its type when unexpected)."""
-  if isinstance(error, volume_io.FileError) and error.path == path:
+  if isinstance(error, errors.FileError) and error.path == path:
     return error.reason  # Listed after the path already.
   if isinstance(error, (ValueError, OSError, EOFError)) and str(error):
     return str(error)
@@ -366,12 +289,26 @@ def _reason(error: Exception, path: str) -> str:
 
 
 def predict_paths(config, workdir: str, input_path: str, output_dir: str,
-                  which: str = 'best', step=None,
-                  ensemble=()) -> list[Failure]:
+                  which: str = 'best', step=None, ensemble=(),
+                  overwrite: bool = False) -> list[Failure]:
   """Predicts every input under `input_path` into `output_dir`.
 
-  With `ensemble` (other runs' workdirs, same model), the probabilities are
-  the mean over this run's and their models.
+  Checks everything it can before predicting: the inputs, that the output
+  folder is not among them and is not a file, that it holds none of the files
+  this would write (unless `overwrite`), the model and its settings. The
+  output folder is locked while it is written, so two predictions into one
+  folder never mix their files (the second is refused).
+
+  Args:
+    config: the run's config (with any --config.KEY=VALUE changes).
+    workdir: the run's workdir.
+    input_path: a file, a DICOM series folder, or a folder of those.
+    output_dir: the folder of the masks (created).
+    which: 'best' or 'latest' checkpoint.
+    step: a step to load instead of the newest.
+    ensemble: other runs' workdirs (same model) whose probabilities are
+      averaged with this run's.
+    overwrite: replace files of an earlier prediction in `output_dir`.
 
   Returns:
     The inputs that failed (also printed, after the skipped entries), empty
@@ -379,22 +316,25 @@ def predict_paths(config, workdir: str, input_path: str, output_dir: str,
   """
   inputs, skipped = list_inputs(input_path)
   check_output_dir(input_path, output_dir)
-  predictor = Predictor(config, workdir, which, step, ensemble)
-  os.makedirs(output_dir, exist_ok=True)
+  check_output_free(inputs, output_dir, config, overwrite)
+  predictor = predictor_lib.Predictor.from_workdir(
+      workdir, which, step, ensemble, config=config)
+  check_gradcam_layer(predictor)
   failures, stems = [], {}
-  for path in inputs:
-    stem = output_stem(path)
-    if stem in stems:
-      failures.append(Failure(path, f'its output name {stem!r} is already '
-                              f'taken by {stems[stem]}; rename one of them.'))
-      continue
-    stems[stem] = path
-    try:
-      written = _predict_one(predictor, path, output_dir)
-      print(f'{path} -> {", ".join(os.path.basename(w) for w in written)}')
-    except Exception as e:  # pylint: disable=broad-except
-      # One bad input must not stop the others; it is listed at the end.
-      failures.append(Failure(path, _reason(e, path)))
+  with workdir_lib.acquire_lock(output_dir, '--mode=predict'):
+    for path in inputs:
+      stem = output_stem(path)
+      if stem in stems:
+        failures.append(Failure(path, f'its output name {stem!r} is already '
+                                f'taken by {stems[stem]}; rename one of them.'))
+        continue
+      stems[stem] = path
+      try:
+        written = write_prediction(predictor, path, output_dir)
+        print(f'{path} -> {", ".join(os.path.basename(w) for w in written)}')
+      except Exception as e:  # pylint: disable=broad-except
+        # One bad input must not stop the others; it is listed at the end.
+        failures.append(Failure(path, _reason(e, path)))
   print(f'Predicted {len(inputs) - len(failures)} of {len(inputs)} input(s) '
         f'into {os.path.abspath(output_dir)} with step {predictor.step}.')
   for f in skipped:

@@ -90,15 +90,50 @@ def run_main(workdir, num_devices=1, check=True, timeout=300, **kwargs):
 
 
 def run_main_mode(workdir, mode, *flags, check=True, timeout=300):
-  """Runs `--mode=MODE --workdir=W` on a trained run (its config.json)."""
+  """Runs `--mode=MODE --workdir=W FLAGS` on a trained run (its config.json).
+
+  Returns the CompletedProcess; with `check`, a non-zero exit fails the test
+  and shows the ends of stdout and stderr.
+  """
   proc = subprocess.run(
       [sys.executable, '-m', 'medseg_jax.main', f'--mode={mode}',
        f'--workdir={workdir}', *flags], cwd=REPO, env=subprocess_env(1),
       capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'--mode={mode} failed ({proc.returncode}):\n'
-                         f'{proc.stderr[-4000:]}')
+                         f'{proc.stdout[-2000:]}{proc.stderr[-4000:]}')
   return proc
+
+
+# Two tiny trained runs shared by the evaluate/predict/Predictor tests, both
+# with dropout (for MC dropout). 2D: 24 images (12 patients x 2), 16/4/4
+# train/val/test, 4 steps per epoch: validation and checkpoints at steps 4
+# and 6.
+RUN_2D = dict(model__dropout_rate=0.2, train__eval_every_epochs=1.0)
+# 3D on patches (sliding windows): 6 patients, 4/1/1 train/val/test; one
+# channel, so DICOM series fit.
+RUN_3D = dict(
+    config_arg='configs/unet3d.py:cpu', data__synthetic3d__num_patients=6,
+    data__synthetic3d__volume_size=(16, 32, 32), data__patch_size=(8, 16, 16),
+    model__features=(4, 8), model__dropout_rate=0.2, train__num_steps=3,
+    train__batch_size=2, eval__batch_size=2, data__in_channels=1,
+    data__synthetic3d__in_channels=1)
+
+
+@pytest.fixture(scope='session')
+def run2d(tmp_path_factory):
+  """The workdir of the tiny 2D run (RUN_2D), trained once per session."""
+  workdir = tmp_path_factory.mktemp('run2d')
+  run_main(workdir, **RUN_2D)
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def run3d(tmp_path_factory):
+  """The workdir of the tiny 3D patch run (RUN_3D), trained once per session."""
+  workdir = tmp_path_factory.mktemp('run3d')
+  run_main(workdir, **RUN_3D)
+  return workdir
 
 
 @pytest.fixture

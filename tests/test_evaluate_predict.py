@@ -1,9 +1,10 @@
 """End-to-end `--mode=evaluate` and `--mode=predict` of medseg_jax.main.
 
-Two tiny runs are trained once for the module, both with dropout (for MC
-dropout): a 2D UNet++ with checkpoints at steps 4 and 6, and a 1-channel 3D
-U-Net on patches (sliding windows; DICOM series are single-channel). The
-tests evaluate or predict with them in subprocesses, as a user would.
+Two tiny runs are trained once per session (conftest's `run2d` and `run3d`),
+both with dropout (for MC dropout): a 2D UNet++ with checkpoints at steps 4
+and 6, and a 1-channel 3D U-Net on patches (sliding windows; DICOM series are
+single-channel). The tests evaluate or predict with them in subprocesses
+(`conftest.run_main_mode`), as a user would.
 """
 
 import hashlib
@@ -11,8 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -20,54 +19,31 @@ from PIL import Image
 from pydicom.uid import generate_uid
 import pytest
 
+from medseg_jax import config_lib
 from medseg_jax import evaluate
 from medseg_jax import gradcam
-from medseg_jax import overrides
 from medseg_jax import predict
+from medseg_jax import predictor as predictor_lib
 from medseg_jax import report
+from medseg_jax import run_loader
 from medseg_jax import workdir as workdir_lib
+from medseg_jax.data import image_io
 from medseg_jax.data import pipeline
 from medseg_jax.data import volume_io
 from tests import conftest
 from tests import test_volume_io
 
-# 2D: 24 images (12 patients x 2), 16/4/4 train/val/test, 4 steps per epoch:
-# validation and checkpoints at steps 4 and 6.
-RUN_2D = dict(model__dropout_rate=0.2, train__eval_every_epochs=1.0)
-# 3D: 6 patients, 4/1/1 train/val/test; one channel, so DICOM series fit.
-RUN_3D = dict(
-    config_arg='configs/unet3d.py:cpu', data__synthetic3d__num_patients=6,
-    data__synthetic3d__volume_size=(16, 32, 32), data__patch_size=(8, 16, 16),
-    model__features=(4, 8), model__dropout_rate=0.2, train__num_steps=3,
-    train__batch_size=2, eval__batch_size=2, data__in_channels=1,
-    data__synthetic3d__in_channels=1)
+RUN_2D = conftest.RUN_2D
 MC_MAPS = ('mean', 'std', 'entropy', 'mutual_information')
 EVAL_FILES = ('cases.csv', 'summary.json', 'summary.md', 'cases.png',
               'distributions.png', 'training.png', 'reliability.png')
 NIFTI_ZOOMS = (0.8, 0.9, 2.5)  # nibabel (x, y, z) voxel sizes.
 
 
-def _main(workdir, *flags):
-  """Runs main with the run's config.json (no --config); returns the process."""
-  command = [sys.executable, '-m', 'medseg_jax.main', f'--workdir={workdir}',
-             *flags]
-  return _run(command)
-
-
-def _main_with_config(workdir, extra, **config_overrides):
+def _main_with_config(workdir, extra, check=False, **config_overrides):
   """Runs main with --config=configs/unetpp.py:cpu, tiny + these overrides."""
-  return _run(conftest.main_command(workdir, extra=extra, **config_overrides))
-
-
-def _run(command):
-  return subprocess.run(command, cwd=conftest.REPO,
-                        env=conftest.subprocess_env(1), capture_output=True,
-                        text=True, timeout=300)
-
-
-def _ok(proc):
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  return proc
+  return conftest.run_main(workdir, check=check, extra=extra,
+                           **config_overrides)
 
 
 def _summary(directory):
@@ -92,25 +68,11 @@ def _split_case_ids(workdir, split):
   return data, [data.source.case_ids[int(i)] for i in data.indices[split]]
 
 
-@pytest.fixture(scope='module')
-def run2d(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('run2d')
-  conftest.run_main(workdir, **RUN_2D)
-  return workdir
-
-
-@pytest.fixture(scope='module')
-def run3d(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('run3d')
-  conftest.run_main(workdir, **RUN_3D)
-  return workdir
-
-
 # ----------------------------------------------------------------- evaluate
 
 
 def test_evaluate_2d_writes_reports_whose_summary_matches_the_rows(run2d):
-  _ok(_main(run2d, '--mode=evaluate'))
+  conftest.run_main_mode(run2d, 'evaluate')
   out = run2d / 'eval' / 'test'
   assert all((out / name).stat().st_size > 0 for name in EVAL_FILES)
   rows = report.read_case_csv(str(out / 'cases.csv'))
@@ -141,26 +103,38 @@ def test_evaluate_2d_writes_reports_whose_summary_matches_the_rows(run2d):
 def test_evaluate_val_split_latest_and_a_given_step(run2d):
   latest = _steps(run2d, 'latest')
   assert latest == [4, 6]
-  _ok(_main(run2d, '--mode=evaluate', '--split=val', '--checkpoint=latest'))
+  conftest.run_main_mode(run2d, 'evaluate', '--split=val',
+                         '--checkpoint=latest')
   summary = _summary(run2d / 'eval' / 'val')
   assert (summary['split'], summary['step'], summary['num_cases']) == (
       'val', 6, 4)
   # The step that is not the best one lives only under checkpoints/latest.
   other = next(s for s in latest if s not in _steps(run2d, 'best'))
-  _ok(_main(run2d, '--mode=evaluate', '--split=val', f'--step={other}'))
+  conftest.run_main_mode(run2d, 'evaluate', '--split=val', f'--step={other}')
   assert _summary(run2d / 'eval' / 'val')['step'] == other
 
 
 def test_evaluate_unknown_step_lists_the_saved_steps(run2d):
   before = _snapshot(run2d / 'eval')
-  proc = _main(run2d, '--mode=evaluate', '--step=99')
+  proc = conftest.run_main_mode(run2d, 'evaluate', '--step=99', check=False)
   assert proc.returncode == 1
   assert 'step 99' in proc.stderr and 'latest: [4, 6]' in proc.stderr
   assert _snapshot(run2d / 'eval') == before
 
 
+def test_two_evaluations_of_one_split_do_not_mix(run2d):
+  out = run2d / 'eval' / 'val'
+  before = _snapshot(out)
+  with workdir_lib.acquire_lock(str(out), '--mode=evaluate'):
+    with pytest.raises(workdir_lib.WorkdirInUseError,
+                       match=f'in use by PID {os.getpid()}'):
+      evaluate.evaluate_run(workdir_lib.load_config(str(run2d)), str(run2d),
+                            split='val')
+  assert _snapshot(out) == before
+
+
 def test_evaluate_3d_sliding_window_reports_volumes_in_mm3(run3d):
-  _ok(_main(run3d, '--mode=evaluate'))
+  conftest.run_main_mode(run3d, 'evaluate')
   out = run3d / 'eval' / 'test'
   assert all((out / name).stat().st_size > 0 for name in EVAL_FILES)
   rows = report.read_case_csv(str(out / 'cases.csv'))
@@ -184,9 +158,9 @@ def test_evaluate_3d_sliding_window_reports_volumes_in_mm3(run3d):
 def test_external_validation_writes_beside_the_runs_own_reports(run2d):
   own = _snapshot(run2d / 'eval' / 'test')
   # Another data set: 20 patients and another split seed (6 test images).
-  proc = _ok(_main_with_config(run2d, ['--mode=evaluate'], **RUN_2D,
-                               data__synthetic__num_patients=20,
-                               data__split_seed=7))
+  proc = _main_with_config(run2d, ['--mode=evaluate'], check=True, **RUN_2D,
+                           data__synthetic__num_patients=20,
+                           data__split_seed=7)
   (external,) = (run2d / 'eval').glob('external-*')
   summary = _summary(external / 'test')
   assert summary['num_cases'] == 6
@@ -195,8 +169,9 @@ def test_external_validation_writes_beside_the_runs_own_reports(run2d):
   assert str(external / 'test') in proc.stdout
   assert _snapshot(run2d / 'eval' / 'test') == own
   # The same data given again goes to the same folder.
-  _ok(_main(run2d, '--mode=evaluate', '--config.data.synthetic.num_patients=20',
-            '--config.data.split_seed=7'))
+  conftest.run_main_mode(run2d, 'evaluate',
+                         '--config.data.synthetic.num_patients=20',
+                         '--config.data.split_seed=7')
   assert list((run2d / 'eval').glob('external-*')) == [external]
 
 
@@ -217,7 +192,9 @@ def test_unknown_config_key_or_file_is_one_clear_error(run2d):
   assert 'config.eval has no field' in proc.stderr
   assert 'no_such_key' in proc.stderr and 'mc_samples' in proc.stderr
   assert 'Traceback' not in proc.stderr
-  proc = _main(run2d, '--mode=evaluate', '--config=configs/no_such_file.py')
+  proc = conftest.run_main_mode(run2d, 'evaluate',
+                                '--config=configs/no_such_file.py',
+                                check=False)
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr
   assert 'No such file' in proc.stderr and 'no_such_file.py' in proc.stderr
 
@@ -245,7 +222,8 @@ def test_predict_images_at_their_own_size_and_lists_the_corrupt_one(
   inputs = _image_inputs(tmp_path / 'in')
   before = _snapshot(inputs)
   out = tmp_path / 'out'
-  proc = _main(run2d, '--mode=predict', f'--input={inputs}', f'--output={out}')
+  proc = conftest.run_main_mode(run2d, 'predict', f'--input={inputs}',
+                                f'--output={out}', check=False)
   assert proc.returncode == 1
   assert sorted(os.listdir(out)) == ['gray.png', 'square.png', 'wide.png']
   for name, shape in [('wide', (50, 70)), ('square', (40, 40)),
@@ -267,19 +245,61 @@ def test_predict_refuses_an_output_folder_among_the_inputs(run2d, tmp_path):
   before = _snapshot(inputs)
   for given, output in [(inputs / 'wide.png', inputs),  # would be overwritten
                         (inputs, inputs / 'masks')]:
-    proc = _main(run2d, '--mode=predict', f'--input={given}',
-                 f'--output={output}')
+    proc = conftest.run_main_mode(run2d, 'predict', f'--input={given}',
+                                  f'--output={output}', check=False)
     assert proc.returncode == 1
     assert 'never written among the inputs' in proc.stderr
     assert _snapshot(inputs) == before and not (inputs / 'masks').exists()
 
 
+def _one_error_line(proc):
+  """The single `error:` line of a refused run (no traceback)."""
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  (line,) = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  return line
+
+
+def test_predict_never_replaces_outputs_without_overwrite(run2d, tmp_path):
+  inputs = _image_inputs(tmp_path / 'in')
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'wide.png').write_bytes(b'an earlier mask')
+  flags = (f'--input={inputs / "wide.png"}', f'--output={out}')
+  line = _one_error_line(conftest.run_main_mode(run2d, 'predict', *flags,
+                                                check=False))
+  assert 'already holds 1 of the files' in line and 'wide.png' in line
+  assert '--overwrite' in line
+  assert (out / 'wide.png').read_bytes() == b'an earlier mask'
+  conftest.run_main_mode(run2d, 'predict', *flags, '--overwrite')
+  assert np.asarray(Image.open(out / 'wide.png')).shape == (50, 70)
+  assert sorted(os.listdir(out)) == ['wide.png']  # The lock file is gone.
+  # An --output that is a file: one line, nothing written.
+  line = _one_error_line(conftest.run_main_mode(
+      run2d, 'predict', flags[0], f'--output={out / "wide.png"}',
+      check=False))
+  assert 'is a file' in line and 'wide.png' in line
+
+
+def test_two_predictions_into_one_folder_do_not_mix(run2d, tmp_path):
+  inputs = _image_inputs(tmp_path / 'in')
+  out = tmp_path / 'out'
+  config = workdir_lib.load_config(str(run2d))
+  # Another prediction is writing into `out` (here: this process holds the
+  # lock; flock locks of two open files conflict within a process too).
+  with workdir_lib.acquire_lock(str(out), '--mode=predict'):
+    with pytest.raises(workdir_lib.WorkdirInUseError,
+                       match=f'in use by PID {os.getpid()}'):
+      predict.predict_paths(config, str(run2d), str(inputs / 'wide.png'),
+                            str(out))
+  assert not os.listdir(out)
+
+
 def test_predict_mc_dropout_maps_with_eval_overrides(run2d, tmp_path):
   inputs = _image_inputs(tmp_path / 'in')
   out = tmp_path / 'out'
-  _ok(_main(run2d, '--mode=predict', f'--input={inputs / "wide.png"}',
-            f'--output={out}', '--config.eval.mc_samples=3',
-            '--config.eval.save_probabilities=True'))
+  conftest.run_main_mode(run2d, 'predict', f'--input={inputs / "wide.png"}',
+                         f'--output={out}', '--config.eval.mc_samples=3',
+                         '--config.eval.save_probabilities=True')
   assert sorted(os.listdir(out)) == sorted(
       ['wide.png', 'wide_prob.npy', 'wide_mean.npy', 'wide_std.npy',
        'wide_entropy.npy', 'wide_mutual_information.npy'])
@@ -290,17 +310,38 @@ def test_predict_mc_dropout_maps_with_eval_overrides(run2d, tmp_path):
   assert 0.0 <= maps['mean'].min() and maps['mean'].max() <= 1.0
   assert maps['std'].max() > 0.0  # Dropout is on: the samples differ.
   assert maps['entropy'].min() >= 0.0 and maps['entropy'].max() <= np.log(2)
+  # The Predictor gives the same, called on the array (2D run).
+  predictor = predictor_lib.Predictor.from_workdir(
+      str(run2d), config_overrides={'eval.mc_samples': 3})
+  prediction = predictor.predict(image_io.read_image(str(inputs /
+                                                         'wide.png')))
+  mask = np.asarray(Image.open(out / 'wide.png')) // 255
+  _assert_same_prediction(prediction, mask, maps['prob'],
+                          {n: maps[n] for n in MC_MAPS})
+
+
+def _assert_same_prediction(prediction, labels, probabilities, maps):
+  """Asserts a Prediction equals what --mode=predict wrote (to 1e-6)."""
+  np.testing.assert_array_equal(prediction.labels, labels)
+  assert prediction.probabilities.dtype == np.float32
+  np.testing.assert_allclose(prediction.probabilities, probabilities,
+                             rtol=0, atol=1e-6)
+  assert sorted(prediction.uncertainty) == sorted(maps)
+  for name, values in maps.items():
+    np.testing.assert_allclose(prediction.uncertainty[name], values, rtol=0,
+                               atol=1e-6, err_msg=name)
 
 
 def test_predict_gradcam_overlay_and_a_wrong_layer(run2d, tmp_path):
-  config = workdir_lib.load_config(str(run2d))
-  model, variables, _ = evaluate.load_model(config, str(run2d))
+  predictor = predictor_lib.Predictor.from_workdir(str(run2d))
   layers = gradcam.feature_layer_names(
-      model, variables, np.zeros(evaluate.model_input_shape(config)[1:]))
+      predictor.model, predictor.variables,
+      np.zeros(config_lib.model_input_shape(predictor.config)[1:]))
   inputs = _image_inputs(tmp_path / 'in')
   out = tmp_path / 'out'
-  _ok(_main(run2d, '--mode=predict', f'--input={inputs / "wide.png"}',
-            f'--output={out}', f'--config.eval.gradcam_layer={layers[1]}'))
+  conftest.run_main_mode(run2d, 'predict', f'--input={inputs / "wide.png"}',
+                         f'--output={out}',
+                         f'--config.eval.gradcam_layer={layers[1]}')
   assert sorted(os.listdir(out)) == ['wide.png', 'wide_gradcam.png']
   cam = np.asarray(Image.open(out / 'wide_gradcam.png'))
   assert cam.shape == (50, 70, 3) and cam.dtype == np.uint8
@@ -308,9 +349,11 @@ def test_predict_gradcam_overlay_and_a_wrong_layer(run2d, tmp_path):
   image = np.asarray(Image.open(inputs / 'wide.png'), np.float32)
   plain = np.round((image - image.min()) / (image.max() - image.min()) * 255)
   assert np.abs(cam - plain).mean() > 5
-  proc = _main(run2d, '--mode=predict', f'--input={inputs / "wide.png"}',
-               f'--output={tmp_path / "out2"}',
-               '--config.eval.gradcam_layer=no_such_layer')
+  proc = conftest.run_main_mode(run2d, 'predict',
+                                f'--input={inputs / "wide.png"}',
+                                f'--output={tmp_path / "out2"}',
+                                '--config.eval.gradcam_layer=no_such_layer',
+                                check=False)
   assert proc.returncode == 1
   assert "gradcam_layer='no_such_layer'" in proc.stderr
   assert layers[1] in proc.stderr  # The valid names are listed.
@@ -322,11 +365,11 @@ def test_mc_dropout_without_dropout_or_with_one_sample_is_refused(run2d):
   config.eval.mc_samples = 1
   with pytest.raises(ValueError, match='mc_samples=1: MC dropout needs at '
                      'least 2'):
-    predict.check_mc_settings(config)
+    run_loader.check_mc_settings(config)
   config.eval.mc_samples, config.model.dropout_rate = 3, 0.0
   with pytest.raises(ValueError, match=r'mc_samples=3 needs a model trained '
                      r'with dropout.*dropout_rate=0.0'):
-    predict.check_mc_settings(config)
+    run_loader.check_mc_settings(config)
 
 
 def _write_nifti(path, channels):
@@ -358,9 +401,10 @@ def volume_prediction(run3d, tmp_path_factory):
   series = _write_dicom_series(inputs / 'series')
   Image.fromarray(np.zeros((40, 40), np.uint8)).save(inputs / 'photo.png')
   out = root / 'out'
-  proc = _main(run3d, '--mode=predict', f'--input={inputs}', f'--output={out}',
-               '--config.eval.save_probabilities=True',
-               '--config.eval.mc_samples=2')
+  proc = conftest.run_main_mode(run3d, 'predict', f'--input={inputs}',
+                                f'--output={out}',
+                                '--config.eval.save_probabilities=True',
+                                '--config.eval.mc_samples=2', check=False)
   return dict(proc=proc, out=out, nifti=nifti, series=series, inputs=inputs)
 
 
@@ -390,6 +434,21 @@ def test_predict_nifti_keeps_shape_affine_and_zooms(volume_prediction):
                              1.0, atol=1e-4)
 
 
+def test_predictor_predicts_volumes_like_predict_mode(run3d,
+                                                      volume_prediction):
+  # 3D patch run: sliding windows, MC dropout by sliding windows.
+  path = volume_prediction['inputs'] / 'scan.nii.gz'
+  volume = volume_io.read_volume(str(path))
+  predictor = predictor_lib.Predictor.from_workdir(
+      str(run3d), config_overrides={'eval.mc_samples': 2})
+  assert volume.array.shape == (10, 18, 20, 1)  # [D, H, W, C], C = 1.
+  prediction = predictor.predict(volume.array, spacing=volume.spacing)
+  read = lambda name: volume_io.read_nifti(
+      str(volume_prediction['out'] / f'scan{name}.nii.gz')).array
+  _assert_same_prediction(prediction, read(''), read('_prob'),
+                          {n: read(f'_{n}') for n in MC_MAPS})
+
+
 def test_predict_dicom_series_writes_a_nifti_in_its_geometry(volume_prediction):
   out, series = volume_prediction['out'], volume_prediction['series']
   mask = volume_io.read_nifti(str(out / 'series.nii.gz'))
@@ -417,44 +476,20 @@ def test_predict_wrong_channels_or_dimensions_name_the_file(
 def test_predict_refuses_another_model(run2d, run3d, tmp_path):
   inputs = _image_inputs(tmp_path / 'in')
   # Overrides of the run's config.json that change the model.
-  proc = _main(run2d, '--mode=predict', f'--input={inputs}',
-               f'--output={tmp_path / "a"}', '--config.model.features=(4,8,32)')
+  proc = conftest.run_main_mode(run2d, 'predict', f'--input={inputs}',
+                                f'--output={tmp_path / "a"}',
+                                '--config.model.features=(4,8,32)',
+                                check=False)
   assert proc.returncode == 1 and 'config.model.features' in proc.stderr
   # A checkpoint that does not fit its config.json (e.g. copied over).
   mixed = tmp_path / 'mixed'
   shutil.copytree(run2d / 'checkpoints', mixed / 'checkpoints')
   shutil.copy(run3d / 'config.json', mixed / 'config.json')
-  proc = _main(mixed, '--mode=predict', f'--input={inputs}',
-               f'--output={tmp_path / "b"}')
+  proc = conftest.run_main_mode(mixed, 'predict', f'--input={inputs}',
+                                f'--output={tmp_path / "b"}', check=False)
   assert proc.returncode == 1
   assert 'does not fit the model' in proc.stderr and str(mixed) in proc.stderr
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
-
-
-# -------------------------------------------------------- config overrides
-
-
-def test_overrides_are_typed_like_the_saved_config(run2d):
-  config = workdir_lib.load_config(str(run2d))
-  overrides.apply_overrides(config, [
-      ('eval.mc_samples', '3'), ('eval.tta', None), ('eval.threshold', '0.3'),
-      ('eval.postprocess.fill_holes', 'true'), ('data.patch_size', '(8,16)'),
-      ('eval.blend', 'constant')])
-  assert config.eval.mc_samples == 3 and config.eval.tta is True
-  assert config.eval.threshold == 0.3 and config.eval.postprocess.fill_holes
-  assert config.data.patch_size == (8, 16) and config.eval.blend == 'constant'
-  with pytest.raises(ValueError, match=r"config.eval has no field 'tt'.*tta"):
-    overrides.apply_overrides(config, [('eval.tt', '1')])
-  with pytest.raises(ValueError, match=r"'x' is not a valid int"):
-    overrides.apply_overrides(config, [('eval.mc_samples', 'x')])
-  with pytest.raises(ValueError, match='is a section'):
-    overrides.apply_overrides(config, [('eval.postprocess', '1')])
-  argv = ['main', '--mode=predict', '--config.eval.tta', '--noconfig.eval.tta',
-          '--config.eval.mc_samples=2', '--', '--config.x=1']
-  rest, found = overrides.split_overrides(argv)
-  assert rest == ['main', '--mode=predict', '--', '--config.x=1']
-  assert found == [('eval.tta', None), ('eval.tta', 'false'),
-                   ('eval.mc_samples', '2')]
 
 
 # ----------------------------------------------------------------- ensembles
@@ -475,16 +510,16 @@ def test_ensemble_averages_the_members_probabilities(run2d, run2d_other_seed,
                       ('ab', (f'--ensemble={run2d_other_seed}',))]:
     workdir = run2d_other_seed if name == 'b' else run2d
     out = tmp_path / name
-    _ok(_main(workdir, '--mode=predict', f'--input={inputs / "wide.png"}',
-              f'--output={out}', '--config.eval.save_probabilities=True',
-              *flags))
+    conftest.run_main_mode(workdir, 'predict',
+                           f'--input={inputs / "wide.png"}', f'--output={out}',
+                           '--config.eval.save_probabilities=True', *flags)
     probs[name] = np.load(out / 'wide_prob.npy')
   assert np.abs(probs['a'] - probs['b']).max() > 1e-3  # Different models.
   np.testing.assert_allclose(probs['ab'], (probs['a'] + probs['b']) / 2,
                              atol=1e-5)
   # evaluate writes the ensemble's reports beside the run's own.
   own = _snapshot(run2d / 'eval')
-  _ok(_main(run2d, '--mode=evaluate', f'--ensemble={run2d_other_seed}'))
+  conftest.run_main_mode(run2d, 'evaluate', f'--ensemble={run2d_other_seed}')
   [folder] = [d for d in os.listdir(run2d / 'eval')
               if d.startswith('ensemble-')]
   summary = _summary(run2d / 'eval' / folder / 'test')
@@ -495,8 +530,10 @@ def test_ensemble_averages_the_members_probabilities(run2d, run2d_other_seed,
 
 def test_ensemble_of_another_model_is_refused(run2d, run3d, tmp_path):
   inputs = _image_inputs(tmp_path / 'in')
-  proc = _main(run2d, '--mode=predict', f'--input={inputs / "wide.png"}',
-               f'--output={tmp_path / "out"}', f'--ensemble={run3d}')
+  proc = conftest.run_main_mode(run2d, 'predict',
+                                f'--input={inputs / "wide.png"}',
+                                f'--output={tmp_path / "out"}',
+                                f'--ensemble={run3d}', check=False)
   assert proc.returncode == 1
   assert str(run3d) in proc.stderr and 'another model' in proc.stderr
   assert not (tmp_path / 'out').exists()

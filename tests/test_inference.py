@@ -246,14 +246,14 @@ def test_ensemble_averages_members_with_one_compilation():
   singles = [np.asarray(inference.make_predict_fn(model, v)(x))
              for v in members]
   TRACES.clear()
-  ensemble = inference.make_ensemble_predict_fn(model, members)
+  ensemble = inference.make_predict_fn(model, members)
   np.testing.assert_allclose(ensemble(x), np.mean(singles, axis=0),
                              atol=1e-6)
   assert len(TRACES) == 1
   np.testing.assert_allclose(
-      inference.make_ensemble_predict_fn(model, members[:1])(x), singles[0])
+      inference.make_predict_fn(model, members[:1])(x), singles[0])
   with pytest.raises(ValueError, match='at least one'):
-    inference.make_ensemble_predict_fn(model, [])
+    inference.make_predict_fn(model, [])
 
 
 def test_mc_dropout_maps():

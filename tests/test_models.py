@@ -5,6 +5,7 @@ Shapes are tiny (32x32, widths 4-16): XLA CPU convolutions are slow on 2 cores.
 Pure shape checks use jax.eval_shape, which traces without compiling.
 """
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,23 +21,28 @@ TINY = (4, 8, 16)
 ARCHS = {'unet': models.UNet, 'unetpp': models.UNetPlusPlus}
 
 
-def _key(seed):
-  # 'rbg' keys: with jax_threefry_partitionable (the default) every threefry
-  # random op takes seconds to compile on CPU; these tests need no threefry.
+def rbg_key(seed):
+  """Returns an 'rbg' PRNG key (also used by test_transunet).
+
+  With jax_threefry_partitionable (the default) every threefry random op
+  takes seconds to compile on CPU; these tests need no threefry.
+  """
   return jax.random.key(seed, impl='rbg')
 
 
-def _rngs(seed=0):
-  return {'params': _key(seed), 'dropout': _key(seed + 1)}
+def init_rngs(seed=0):
+  """Returns the {'params', 'dropout'} rngs of `model.init`."""
+  return {'params': rbg_key(seed), 'dropout': rbg_key(seed + 1)}
 
 
-def _host_init(model, x):
+def host_init(model, x):
   """Returns variables for `x` filled on the host: no RNG program to compile.
 
-  Kernels ~ N(0, 2 / fan_in) (He), scales and variances 1, the rest 0.
+  Shared with test_transunet. Kernels ~ N(0, 2 / fan_in) (He), position
+  embeddings ~ N(0, 1), scales and variances 1, the rest 0.
   """
   abstract = jax.eval_shape(
-      lambda x: model.init(_rngs(), x, train=False),
+      lambda x: model.init(init_rngs(), x, train=False),
       jax.ShapeDtypeStruct(x.shape, jnp.float32))
   rng = np.random.default_rng(0)
 
@@ -46,6 +52,8 @@ def _host_init(model, x):
       fan_in = int(np.prod(leaf.shape[:-1]))
       return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape),
                          leaf.dtype)
+    if 'pos_embed' in name:
+      return jnp.asarray(rng.normal(0, 1, leaf.shape), leaf.dtype)
     if 'scale' in name or 'var' in name:
       return jnp.ones(leaf.shape, leaf.dtype)
     return jnp.zeros(leaf.shape, leaf.dtype)
@@ -58,8 +66,8 @@ def _abstract_apply(model, shape, train=False, **kwargs):
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
 
   def run(x):
-    variables = model.init(_rngs(), x, train=False)
-    out = model.apply(variables, x, train=train, rngs=_rngs(5),
+    variables = model.init(init_rngs(), x, train=False)
+    out = model.apply(variables, x, train=train, rngs=init_rngs(5),
                       mutable=['batch_stats'] if train else False, **kwargs)
     return variables, out[0] if train else out
 
@@ -94,7 +102,7 @@ def test_3d_forward_runs(arch):
                       dtype=jnp.float32)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 16, 12, 1)),
                   jnp.float32)
-  variables = _host_init(model, x)
+  variables = host_init(model, x)
   out = model.apply(variables, x, train=False)
   assert out.shape == (1, 8, 16, 12, 2)
   assert out.dtype == jnp.float32
@@ -130,10 +138,11 @@ def test_group_count_divides_channels():
 def test_bfloat16_compute_float32_params_and_logits(arch):
   model = ARCHS[arch](1, features=TINY, dtype=jnp.bfloat16)
   x = jnp.zeros((1, 32, 32, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(_rngs(), x, train=False), x)
+  variables = jax.eval_shape(
+      lambda x: model.init(init_rngs(), x, train=False), x)
   for leaf in jax.tree.leaves(variables):
     assert leaf.dtype == jnp.float32
-  real = _host_init(model, x)
+  real = host_init(model, x)
   jaxpr = jax.make_jaxpr(
       lambda v, x: model.apply(v, x, train=False))(real, x)
   convs = [line for line in str(jaxpr).splitlines()
@@ -147,7 +156,7 @@ def test_bfloat16_compute_float32_params_and_logits(arch):
 
 def test_real_init_float32_he_scaled():
   model = models.UNet(1, features=(4, 8), dtype=jnp.bfloat16)
-  variables = model.init(_rngs(), jnp.zeros((1, 16, 16, 3)), train=False)
+  variables = model.init(init_rngs(), jnp.zeros((1, 16, 16, 3)), train=False)
   for leaf in jax.tree.leaves(variables):
     assert leaf.dtype == jnp.float32
   kernel = variables['params']['enc_1']['conv2']['kernel']  # 3x3x8 -> 8.
@@ -164,7 +173,7 @@ def test_deep_supervision_outputs_final_last():
                               deep_supervision=True, dtype=jnp.float32)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 1)),
                   jnp.float32)
-  variables = _host_init(model, x)
+  variables = host_init(model, x)
   outs = model.apply(variables, x, train=True)
   assert isinstance(outs, list) and len(outs) == 3  # X^{0,1}, X^{0,2}, X^{0,3}
   for out in outs:
@@ -192,16 +201,16 @@ def test_dropout_deterministic_unless_train_or_mc():
                       dropout_at=('bottleneck', 'decoder'), dtype=jnp.float32)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 1)),
                   jnp.float32)
-  variables = _host_init(model, x)
+  variables = host_init(model, x)
   apply = jax.jit(lambda v, x, rng, mc: model.apply(
       v, x, train=False, mc_dropout=mc, rngs={'dropout': rng}),
                   static_argnums=3)
-  a = apply(variables, x, _key(1), False)
-  b = apply(variables, x, _key(2), False)
+  a = apply(variables, x, rbg_key(1), False)
+  b = apply(variables, x, rbg_key(2), False)
   np.testing.assert_array_equal(a, b)
-  c = apply(variables, x, _key(1), True)
-  d = apply(variables, x, _key(2), True)
-  e = apply(variables, x, _key(1), True)
+  c = apply(variables, x, rbg_key(1), True)
+  d = apply(variables, x, rbg_key(2), True)
+  e = apply(variables, x, rbg_key(1), True)
   assert not np.allclose(c, d)
   np.testing.assert_array_equal(c, e)  # Same rng, same mask.
   assert not np.allclose(a, c)
@@ -210,9 +219,21 @@ def test_dropout_deterministic_unless_train_or_mc():
 def test_no_dropout_layers_when_rate_is_zero():
   model = models.UNet(1, features=TINY, dtype=jnp.float32)
   x = jnp.ones((1, 32, 32, 1))
-  variables = _host_init(model, x)
-  # Runs in mc_dropout mode without a 'dropout' rng: nothing to drop.
-  model.apply(variables, x, train=False, mc_dropout=True)
+  variables = jax.eval_shape(
+      lambda x: model.init(init_rngs(), x, train=False), x)
+
+  def program(m, mc):
+    return str(jax.make_jaxpr(lambda v, x: m.apply(
+        v, x, train=False, mc_dropout=mc))(variables, x))
+
+  # Traces in mc_dropout mode without a 'dropout' rng: nothing to drop, so
+  # the program is the deterministic one.
+  assert program(model, True) == program(model, False)
+  # The same call with a dropout rate needs the rng: the check has teeth.
+  dropping = models.UNet(1, features=TINY, dtype=jnp.float32,
+                         dropout_rate=0.5)
+  with pytest.raises(flax.errors.InvalidRngError):
+    program(dropping, True)
 
 
 # -------------------------------------------------------- bad input ---
@@ -325,7 +346,7 @@ def test_trains_and_loss_decreases(arch, extra):
   model = ARCHS[arch](1, features=TINY, dtype=jnp.float32, dropout_rate=0.1,
                       **extra)
   images, labels = _disk_batch()
-  variables = _host_init(model, images)
+  variables = host_init(model, images)
   tx = optax.adam(1e-2)
   params, batch_stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
@@ -349,7 +370,7 @@ def test_trains_and_loss_decreases(arch, extra):
   losses = []
   for i in range(15):
     params, batch_stats, opt_state, loss = step(
-        params, batch_stats, opt_state, _key(i))
+        params, batch_stats, opt_state, rbg_key(i))
     losses.append(float(loss))
   assert all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < 0.6 * losses[0], losses

@@ -1,5 +1,6 @@
 """Post-processing of label maps: known answers on hand-made 2D and 3D masks."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -165,3 +166,31 @@ def test_bool_and_empty_and_bad_input():
     np.testing.assert_array_equal(fn(empty), empty)
   with pytest.raises(ValueError, match='integer label map'):
     postprocess.fill_holes(np.zeros((4, 4), np.float32))
+
+
+def test_from_config_applies_the_steps_the_config_turns_on():
+  ring = _grid("""
+      111...
+      1.1..1
+      111...
+  """)
+  post = ml_collections.ConfigDict(dict(fill_holes=False, min_size=0,
+                                        largest_component=False))
+  assert postprocess.from_config(ring, post) is ring  # All off: untouched.
+  post.fill_holes = True
+  np.testing.assert_array_equal(postprocess.from_config(ring, post), _grid("""
+      111...
+      111..1
+      111...
+  """))
+  # Holes filled first, then components under 2 voxels removed: the lone
+  # voxel goes, the filled ring (9 voxels) stays.
+  post.min_size = 2
+  np.testing.assert_array_equal(postprocess.from_config(ring, post), _grid("""
+      111...
+      111...
+      111...
+  """))
+  post.update(fill_holes=False, min_size=0, largest_component=True)
+  np.testing.assert_array_equal(postprocess.from_config(ring, post),
+                                postprocess.keep_largest_component(ring))

@@ -8,6 +8,7 @@ A tiny model (widths 4-16, one ViT layer of width 16) keeps compiles short on
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,9 @@ from configs import transunet as transunet_config
 from medseg_jax import models
 from medseg_jax.models import registry
 from medseg_jax.models import transunet
+from tests.test_models import host_init
+from tests.test_models import init_rngs
+from tests.test_models import rbg_key
 
 # Input divisor 2**3 = 8; a 32x32 input gives a 4x4 token grid.
 TINY = dict(features=(4, 8, 16), stage_blocks=(1, 1), block='basic',
@@ -29,46 +33,11 @@ def _tiny(num_classes=1, **overrides):
   return models.TransUNet(num_classes, **{**TINY, **overrides})
 
 
-def _key(seed):
-  # 'rbg' keys: threefry random ops take seconds to compile on CPU.
-  return jax.random.key(seed, impl='rbg')
-
-
-def _rngs(seed=0):
-  return {'params': _key(seed), 'dropout': _key(seed + 1)}
-
-
-def _host_init(model, x):
-  """Returns variables for `x` filled on the host (no RNG program to compile).
-
-  Kernels ~ N(0, 2 / fan_in), position embeddings ~ N(0, 1), scales and
-  variances 1, the rest 0.
-  """
-  abstract = jax.eval_shape(
-      lambda x: model.init(_rngs(), x, train=False),
-      jax.ShapeDtypeStruct(x.shape, jnp.float32))
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if 'kernel' in name:
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), leaf.shape),
-                         leaf.dtype)
-    if 'pos_embed' in name:
-      return jnp.asarray(rng.normal(0, 1, leaf.shape), leaf.dtype)
-    if 'scale' in name or 'var' in name:
-      return jnp.ones(leaf.shape, leaf.dtype)
-    return jnp.zeros(leaf.shape, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 def _abstract_apply(model, shape, apply_shape=None, **kwargs):
   """Returns (variables, output) shapes: init at shape, apply at apply_shape."""
 
   def run(x, y):
-    variables = model.init(_rngs(), x, train=False)
+    variables = model.init(init_rngs(), x, train=False)
     return variables, model.apply(variables, y, train=False, **kwargs)
 
   return jax.eval_shape(run, jax.ShapeDtypeStruct(shape, jnp.float32),
@@ -122,7 +91,7 @@ def test_decoder_channels_follow_the_paper():
 def test_3d_forward_runs():
   model = _tiny(2, features=(4, 8), stage_blocks=(1,), norm='instance')
   x = _images((1, 8, 16, 12, 1))  # Divisible by 4: a 2x4x3 token grid.
-  variables = _host_init(model, x)
+  variables = host_init(model, x)
   assert variables['params']['transformer']['pos_embed'].shape == (2, 4, 3, 16)
   assert variables['params']['encoder']['root_conv']['kernel'].shape == (
       7, 7, 7, 1, 4)
@@ -137,9 +106,9 @@ def test_3d_forward_runs():
 def test_bfloat16_compute_float32_params_and_logits_close_to_f32():
   x = _images((1, 16, 16, 3))  # bf16 convolutions are slow on CPU.
   f32, bf16 = _tiny(), _tiny(dtype=jnp.bfloat16)
-  variables = _host_init(f32, x)
+  variables = host_init(f32, x)
   for leaf in jax.tree.leaves(jax.eval_shape(
-      lambda x: bf16.init(_rngs(), x, train=False), x)):
+      lambda x: bf16.init(init_rngs(), x, train=False), x)):
     assert leaf.dtype == jnp.float32
   jaxpr = str(jax.make_jaxpr(
       lambda v, x: bf16.apply(v, x, train=False))(variables, x))
@@ -173,7 +142,7 @@ def test_resize_position_embedding_known_answers():
 def test_position_embeddings_interpolated_for_another_input_size():
   model = _tiny()
   small, large = _images((1, 32, 32, 3)), _images((1, 48, 40, 3), seed=1)
-  variables = _host_init(model, small)  # pos_embed made for a 4x4 grid.
+  variables = host_init(model, small)  # pos_embed made for a 4x4 grid.
   pos = variables['params']['transformer']['pos_embed']
   out = _forward(model, variables, large)
   assert out.shape == (1, 48, 40, 1)
@@ -249,24 +218,36 @@ def test_dropout_deterministic_unless_train_or_mc():
   model = _tiny(vit_dropout_rate=0.1, attention_dropout_rate=0.1,
                 dropout_rate=0.5, dropout_at=('bottleneck', 'decoder'))
   x = _images((2, 16, 16, 1))
-  variables = _host_init(model, x)
+  variables = host_init(model, x)
   apply = jax.jit(lambda v, x, rng, mc: model.apply(
       v, x, train=False, mc_dropout=mc, rngs={'dropout': rng}),
                   static_argnums=3)
-  a = apply(variables, x, _key(1), False)
-  b = apply(variables, x, _key(2), False)
+  a = apply(variables, x, rbg_key(1), False)
+  b = apply(variables, x, rbg_key(2), False)
   np.testing.assert_array_equal(a, b)
-  c, d = apply(variables, x, _key(1), True), apply(variables, x, _key(2), True)
-  np.testing.assert_array_equal(c, apply(variables, x, _key(1), True))
+  c = apply(variables, x, rbg_key(1), True)
+  d = apply(variables, x, rbg_key(2), True)
+  np.testing.assert_array_equal(c, apply(variables, x, rbg_key(1), True))
   assert not np.allclose(c, d)
   assert not np.allclose(a, c)
 
 
 def test_no_dropout_rng_needed_when_rates_are_zero():
-  model = _tiny()
   x = jnp.ones((1, 16, 16, 1))
-  jax.jit(lambda v, x: model.apply(v, x, train=False, mc_dropout=True))(
-      _host_init(model, x), x)
+  variables = jax.eval_shape(
+      lambda x: _tiny().init(init_rngs(), x, train=False), x)
+
+  def program(model, mc):
+    return str(jax.make_jaxpr(lambda v, x: model.apply(
+        v, x, train=False, mc_dropout=mc))(variables, x))
+
+  # Traces in mc_dropout mode without a 'dropout' rng: nothing to drop, so
+  # the program is the deterministic one.
+  assert program(_tiny(), True) == program(_tiny(), False)
+  # Any one rate > 0 needs the rng: the check has teeth.
+  for rate in ('dropout_rate', 'vit_dropout_rate', 'attention_dropout_rate'):
+    with pytest.raises(flax.errors.InvalidRngError):
+      program(_tiny(**{rate: 0.1}), True)
 
 
 # ------------------------------------------------------------- training ---
@@ -285,7 +266,7 @@ def _disk_batch(size=16):
 def test_trains_and_loss_decreases():
   model = _tiny(norm='batch', vit_dropout_rate=0.1, dropout_rate=0.1)
   images, labels = _disk_batch()
-  variables = _host_init(model, images)
+  variables = host_init(model, images)
   tx = optax.adam(1e-2)
   params, batch_stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
@@ -307,7 +288,7 @@ def test_trains_and_loss_decreases():
   losses = []
   for i in range(15):
     params, batch_stats, opt_state, loss = step(params, batch_stats,
-                                                opt_state, _key(i))
+                                                opt_state, rbg_key(i))
     losses.append(float(loss))
   assert all(np.isfinite(losses))
   assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
