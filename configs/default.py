@@ -164,6 +164,9 @@ def get_config(arg=None):
   # valid ones) writes a Grad-CAM heat-map overlay <name>_gradcam.png per 2D
   # image; '' = off.
   config.eval.gradcam_layer = ''
+  # evaluate: tolerance (mm, or pixels for photographs) of the normalized
+  # surface Dice column, DeepMind's area-weighted definition; 0 = no column.
+  config.eval.nsd_tolerance_mm = 0.0
   return config
 
 

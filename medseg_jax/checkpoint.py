@@ -88,20 +88,14 @@ class Checkpointer:
         meta=ocp.args.JsonSave({'checksums': state_checksums(state)})))
 
   def _restore_step(self, step: int, abstract_state, data_iterator):
-    """Restores one latest step and verifies its checksums."""
+    """Restores one latest step, its files and checksums verified first."""
     step_dir = os.path.join(str(self.latest.directory), str(step))
-    meta = checkpoint_files.read_meta(step_dir)
+    checkpoint_files.verify_state_files(os.path.join(step_dir, 'state'),
+                                        checkpoint_files.read_meta(step_dir))
     restored = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    state = restored['state']
-    if meta is not None:
-      bad = checkpoint_files.checksum_mismatches(meta['checksums'],
-                                                 state_checksums(state))
-      if bad:
-        raise CheckpointDamagedError(
-            f'{len(bad)} array(s) fail their checksum, e.g. {bad[0]}')
-    return state
+    return restored['state']
 
   def restore_latest(self, abstract_state, data_iterator, is_main: bool = True,
                      known_damaged=None) -> tuple[Any, int | None]:
@@ -227,9 +221,11 @@ def _restore_weights(step_dir: str) -> dict:
   """Restores step, params and batch_stats of one step as NumPy arrays.
 
   Only these are read (a partial restore), so a damaged optimiser state does
-  not stop evaluation; their checksums are verified when the step has them.
+  not stop evaluation; their files and checksums are verified first.
   """
   state_dir = os.path.join(step_dir, 'state')
+  checkpoint_files.verify_state_files(
+      state_dir, checkpoint_files.read_meta(step_dir), only=_WEIGHTS)
   item = {}
   for key in saved_shapes(state_dir, _WEIGHTS):
     parts = key.split('/')
@@ -251,13 +247,6 @@ def _restore_weights(step_dir: str) -> dict:
   finally:
     logging.set_verbosity(verbosity)
   state.setdefault('batch_stats', {})
-  meta = checkpoint_files.read_meta(step_dir)
-  if meta is not None and 'checksums' in meta:
-    bad = checkpoint_files.checksum_mismatches(meta['checksums'],
-                                               state_checksums(state))
-    if bad:
-      raise CheckpointDamagedError(
-          f'{len(bad)} array(s) fail their checksum, e.g. {bad[0]}')
   return state
 
 

@@ -130,6 +130,8 @@ CHECKS: tuple[_Check, ...] = (
      "must be 'gaussian' or 'constant'"),
     ('eval.sw_batch_size', _positive_int, _POSITIVE_INT),
     ('eval.mc_samples', _nonneg_int, _NONNEG_INT),
+    ('eval.nsd_tolerance_mm', lambda v: _finite(v) and v >= 0,
+     'must be a finite number >= 0 (0 = no NSD column)'),
     ('eval.postprocess.min_size', _nonneg_int, _NONNEG_INT),
 )
 

@@ -168,7 +168,8 @@ def evaluate_split(predictor, workdir: str, data, split: str,
     rows.extend(report.case_metrics(
         prediction.labels, record['mask'], num_classes,
         spacing=_physical_spacing(config, record), case_id=case_id,
-        class_names=sources.class_names(config.data)))
+        class_names=sources.class_names(config.data),
+        nsd_tolerance=config.eval.nsd_tolerance_mm or None))
     calibration.add(prediction.probabilities, record['mask'])
     kept[case_id] = _panel_label(prediction.labels, record['mask'])
   summary = report.summarize(rows)

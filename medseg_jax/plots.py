@@ -1,8 +1,8 @@
 """Evaluation plots as PNG files: cases, metric distributions, curves, calibration.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot,
-no display, no global backend switch), and written atomically (temporary file
-+ os.replace). Inputs are what `medseg_jax.report` produces: `case_metrics`
+no display, no global backend switch), and written atomically
+(`fileio.atomic_write`). Inputs are what `medseg_jax.report` produces: `case_metrics`
 rows, `CalibrationAccumulator.summary()` bins, and `workdir.read_metrics`
 records. Non-finite values (inf HD95) are left out of the plots and counted
 in the titles.
@@ -10,14 +10,13 @@ in the titles.
 
 from collections.abc import Sequence
 import math
-import os
-import tempfile
 
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from medseg_jax import fileio
 from medseg_jax import report
 
 DPI = 100
@@ -26,20 +25,10 @@ PRED_COLOR = (0.95, 0.15, 0.1)
 
 
 def _save(fig: Figure, path: str) -> None:
-  """Renders `fig` to PNG at `path` through a temporary file."""
+  """Renders `fig` to PNG at `path`, atomically (`fileio.atomic_write`)."""
   FigureCanvasAgg(fig)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path),
-                             suffix='.png')
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format='png', dpi=DPI)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with fileio.atomic_write(path, 'wb') as f:
+    fig.savefig(f, format='png', dpi=DPI)
 
 
 # ----------------------------------------------------------- case selection

@@ -275,7 +275,9 @@ def summarize(rows, confidence: float = 0.95) -> dict:
                  'range) are excluded from mean, std, median and CI and '
                  'counted in excluded_nonfinite.')}
   if NSD_METRIC in names:
-    summary['nsd_tolerance'] = _unit(rows, 'nsd_tolerance')
+    tolerances = sorted({float(r['nsd_tolerance']) for r in rows})
+    summary['nsd_tolerance'] = (tolerances[0] if len(tolerances) == 1
+                                else tolerances)
   if len(classes) > 1:
     summary['mean_over_classes'] = {
         m: float(np.mean([c['metrics'][m]['mean'] for c in classes]))
@@ -301,12 +303,6 @@ def _unit(rows, key: str) -> str:
 # ---------------------------------------------------------------- the files
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically (`fileio.atomic_write`)."""
-  with fileio.atomic_write(path, 'w') as f:
-    f.write(text)
-
-
 def write_case_csv(rows, path: str) -> None:
   """Writes the rows as CSV (columns ROW_KEYS, then any extra keys), atomically.
 
@@ -317,7 +313,7 @@ def write_case_csv(rows, path: str) -> None:
   writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
-  _write_atomic(path, buffer.getvalue())
+  fileio.write_text(path, buffer.getvalue())
 
 
 def read_case_csv(path: str) -> list[dict]:
@@ -357,8 +353,8 @@ def write_summary(summary: dict, json_path: str, md_path: str,
   calibration error (if summary['calibration'] is set) and the rules.
   """
   text = json.dumps(_json_ready(summary), indent=2, allow_nan=False)
-  _write_atomic(json_path, text + '\n')
-  _write_atomic(md_path, summary_markdown(summary, title))
+  fileio.write_text(json_path, text + '\n')
+  fileio.write_text(md_path, summary_markdown(summary, title))
 
 
 def _fmt(value, metric: str) -> str:

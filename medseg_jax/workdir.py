@@ -198,7 +198,7 @@ RESULT_NEUTRAL_KEYS = (
     # Used only by --mode=evaluate / predict, not during training:
     'eval.overlap', 'eval.blend', 'eval.sw_batch_size', 'eval.tta',
     'eval.postprocess', 'eval.mc_samples', 'eval.save_probabilities',
-    'eval.gradcam_layer',
+    'eval.gradcam_layer', 'eval.nsd_tolerance_mm',
 )
 
 

@@ -101,13 +101,15 @@ def _assert_same(a, b):
                                   'no_state', 'truncated', 'byte_flipped',
                                   'no_opt_state'])
 def test_damaged_newest_checkpoint_falls_back_and_the_run_finishes(
-    finished, tmp_path, capsys, kind):
+    finished, tmp_path, capfd, kind):
   workdir = _copy(finished, tmp_path)
   damaged = workdir / 'checkpoints' / 'latest' / '6'
   _damage(str(damaged / 'state'), kind)
   damaged_hash = _tree_hash(damaged)
   train.train_and_evaluate(conftest.tiny_config(**RUN), str(workdir))
-  out = capsys.readouterr().out
+  out, err = capfd.readouterr()
+  # One line, not Orbax's wall of 'Event loop is closed' tracebacks.
+  assert 'Traceback' not in out + err
   [line] = [l for l in out.splitlines() if 'is damaged' in l]
   assert str(damaged) in line and 'does not match' not in line
   assert 'Resuming from step 4' in out
@@ -178,7 +180,7 @@ def test_flipped_bit_in_the_weights_is_caught_by_the_checksum(
   flat[0] ^= 1  # The lowest mantissa bit of one weight.
   array.write(values).result()
   with pytest.raises(checkpoint_lib.CheckpointDamagedError,
-                     match='fail their checksum'):
+                     match='fails? (its|their) checksum'):
     checkpoint_lib.load_state_arrays(str(workdir), 'best')
 
 

@@ -134,7 +134,7 @@ def test_two_evaluations_of_one_split_do_not_mix(run2d):
 
 
 def test_evaluate_3d_sliding_window_reports_volumes_in_mm3(run3d):
-  conftest.run_main_mode(run3d, 'evaluate')
+  conftest.run_main_mode(run3d, 'evaluate', '--config.eval.nsd_tolerance_mm=2')
   out = run3d / 'eval' / 'test'
   assert all((out / name).stat().st_size > 0 for name in EVAL_FILES)
   rows = report.read_case_csv(str(out / 'cases.csv'))
@@ -150,7 +150,11 @@ def test_evaluate_3d_sliding_window_reports_volumes_in_mm3(run3d):
     np.testing.assert_allclose(row['truth_volume'], truth_voxels * voxel)
     pred_voxels = row['pred_volume'] / voxel
     assert abs(pred_voxels - round(pred_voxels)) < 1e-6
+    assert row['nsd_tolerance'] == 2.0
+    assert 0.0 <= row['nsd'] <= 1.0
   summary = _summary(out)
+  assert summary['nsd_tolerance'] == 2.0
+  assert 'area-weighted' in summary['distance_conventions']['nsd']
   assert summary['volume_unit'] == 'mm^3' and summary['num_cases'] == 1
   assert summary['isic_thresholded_jaccard'] is None  # Several classes.
 
