@@ -317,7 +317,7 @@ def test_case_metrics_nsd_deepmind_column(tmp_path):
   _close(rows[0]['nsd'], 8.5 / 15)
   assert rows[0]['nsd_tolerance'] == 1.0
   summary = report.summarize(rows)
-  assert summary['nsd_tolerance'] == '1.0'
+  assert summary['nsd_tolerance'] == 1.0
   assert 'DeepMind' in summary['distance_conventions']['nsd']
   _close(summary['classes'][0]['metrics']['nsd']['mean'], 8.5 / 15)
   path = str(tmp_path / 'cases.csv')
