@@ -124,15 +124,32 @@ def get_config(arg=None):
 
   # AdamW with linear warmup then cosine decay (seed 002: lr 1e-4, wd 1e-4).
   config.optim = ml_collections.ConfigDict()
+  # 'adamw', 'adam' or 'sgd'. nnU-Net's recipe: name='sgd', lr=1e-2,
+  # momentum=0.99, nesterov=True, weight_decay=3e-5, schedule='poly',
+  # warmup_epochs=0. Weight decay skips biases and norm scales (rank-1
+  # parameters); AdamW's is decoupled, SGD's is an L2 term added to the
+  # gradient before momentum (PyTorch's SGD weight_decay); Adam has none.
   config.optim.name = 'adamw'
   config.optim.lr = 1e-4
   config.optim.weight_decay = 1e-4
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.schedule = 'cosine'  # 'cosine' or 'constant'.
+  config.optim.b1 = 0.9  # Adam(W) only.
+  config.optim.b2 = 0.999  # Adam(W) only.
+  config.optim.momentum = 0.99  # SGD only (0 = plain SGD).
+  config.optim.nesterov = True  # SGD only: Nesterov momentum (PyTorch's form).
+  # After the warmup: 'cosine' (down to lr * min_lr_ratio), 'constant', or
+  # 'poly', nnU-Net's lr * (1 - t / T) ** 0.9 over the T steps after the
+  # warmup (ends at 0; min_lr_ratio unused).
+  config.optim.schedule = 'cosine'
   config.optim.warmup_epochs = 1.0
   config.optim.min_lr_ratio = 0.01
   config.optim.grad_clip_norm = 1.0
+  # Reduce-on-plateau (seed 004), on top of the schedule: after
+  # `plateau_patience` evaluations without a better validation Dice (relative
+  # tolerance 1e-4 on 1 - Dice), the learning rate is multiplied by
+  # `plateau_factor` (optax.contrib.reduce_on_plateau, fed once per
+  # evaluation; its state is checkpointed with the optimiser's). 0 = off.
+  config.optim.plateau_patience = 0
+  config.optim.plateau_factor = 0.1
 
   # Durations: give `num_epochs` or `num_steps` (steps win when > 0).
   config.train = ml_collections.ConfigDict()
@@ -144,6 +161,27 @@ def get_config(arg=None):
   config.train.checkpoint_every_steps = -1  # -1: at every evaluation.
   config.train.max_checkpoints = 2
   config.train.progress_bar = True
+  # Early stopping: the run ends after this many evaluations in a row without
+  # a better validation Dice than the best so far (seed 004: 15); 0 = off.
+  # The best checkpoint is kept, a latest one saved, and metrics.jsonl gets
+  # {'split': 'early_stop', 'step', 'best_step', 'best_dice'}; starting the
+  # run again reports its metrics instead of training on.
+  config.train.early_stopping_patience = 0
+  # EMA of the parameters (0 = off; e.g. 0.999): ema = d * ema + (1 - d) *
+  # params after every step, starting from the initial parameters, kept in
+  # the optimiser state (so resumes are exact). At each evaluation the EMA
+  # parameters (with the current BatchNorm statistics) are evaluated too
+  # (split 'val_ema' in metrics.jsonl) and saved in checkpoints/best_ema/
+  # when their Dice beats their own best; checkpoints/best/ and early
+  # stopping / plateau follow the raw parameters.
+  config.train.ema_decay = 0.0
+  # Gradient accumulation: each step splits the global batch into this many
+  # micro-batches, run one after another, and applies one update with their
+  # mean gradient, so a large batch fits on a small device. BatchNorm then
+  # sees micro-batches (its running statistics update once per micro-batch);
+  # use model.norm='instance' or 'group' for updates equal to the full
+  # batch's. batch_size / grad_accum_steps must split over the devices.
+  config.train.grad_accum_steps = 1
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32
@@ -167,6 +205,14 @@ def get_config(arg=None):
   # evaluate: tolerance (mm, or pixels for photographs) of the normalized
   # surface Dice column, DeepMind's area-weighted definition; 0 = no column.
   config.eval.nsd_tolerance_mm = 0.0
+
+  # --mode=export: StableHLO + ONNX (+ int8 ONNX) + manifest.json + parity.json
+  # in WORKDIR/export/ (medseg_jax/export.py).
+  config.export = ml_collections.ConfigDict()
+  config.export.quantize = ''  # '' or 'int8' (onnxruntime dynamic, QInt8).
+  config.export.opset = 17  # ONNX opset of model.onnx.
+  # Test-split cases the parity check predicts with every artefact; 0 = all.
+  config.export.parity_cases = 8
   return config
 
 

@@ -3,6 +3,9 @@
 Layout under the workdir:
   checkpoints/latest/<step>/{state,data,meta}  resumable: state + Grain iterator
   checkpoints/best/<step>/{state,meta}         best validation Dice so far
+  checkpoints/best_ema/<step>/{state,meta}     with train.ema_decay > 0: the
+                                               best of the EMA parameters (the
+                                               state with params = the EMA)
   checkpoints/damaged/<kind>-<step>            damaged checkpoints, moved aside
 
 Orbax writes each checkpoint to a temporary directory and renames it when
@@ -44,19 +47,26 @@ def _manager(directory: str, max_to_keep: int, item_names) -> ocp.CheckpointMana
 class Checkpointer:
   """Saves and restores the latest and the best checkpoint of a run."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, state_bytes: int = 0):
+  def __init__(self, workdir: str, max_to_keep: int = 2, state_bytes: int = 0,
+               ema: bool = False):
     """Opens (creating if needed) the run's checkpoint managers.
 
     Args:
       workdir: the run's workdir.
       max_to_keep: latest checkpoints kept (older ones are deleted by Orbax).
       state_bytes: the size of the saved state, for the free-space check.
+      ema: also keep checkpoints/best_ema/ (train.ema_decay > 0).
     """
     self.workdir, self.state_bytes = workdir, state_bytes
     root = os.path.join(workdir, 'checkpoints')
     self.latest = _manager(os.path.join(root, 'latest'), max_to_keep,
                            ('state', 'data', 'meta'))
     self.best = _manager(os.path.join(root, 'best'), 1, ('state', 'meta'))
+    self.best_ema = (_manager(os.path.join(root, 'best_ema'), 1,
+                              ('state', 'meta')) if ema else None)
+
+  def _bests(self):
+    return [m for m in (self.best, self.best_ema) if m is not None]
 
   def disk_full_error(self) -> workdir_lib.DiskFullError:
     """The one-line error for a full disk, naming the newest complete save."""
@@ -153,18 +163,27 @@ class Checkpointer:
         print(f'Moved the damaged {step_dir} to {moved}.')
     parallel.barrier('damaged_checkpoints_set_aside')
     self.latest.reload()
-    self.best.reload()
+    for manager in self._bests():
+      manager.reload()
 
-  def best_metric(self, is_main: bool = True) -> float:
+  def best_metric(self, is_main: bool = True, kind: str = 'best') -> float:
     """Returns the validation Dice of the best checkpoint, or -inf.
 
     A best checkpoint whose metadata is damaged is reported and set aside:
     the next evaluation then saves a new best.
+
+    Args:
+      is_main: whether this process reports and moves damaged folders.
+      kind: 'best', or 'best_ema' (the EMA parameters' best).
+
+    Returns:
+      The Dice saved with that checkpoint, or -inf when there is none.
     """
-    step = self.best.latest_step()
+    manager = self.best_ema if kind == 'best_ema' else self.best
+    step = manager.latest_step()
     if step is None:
       return float('-inf')
-    step_dir = os.path.join(str(self.best.directory), str(step))
+    step_dir = os.path.join(str(manager.directory), str(step))
     try:
       saved_shapes(os.path.join(step_dir, 'state'))
       meta = checkpoint_files.read_meta(step_dir)
@@ -173,23 +192,36 @@ class Checkpointer:
       if is_main:
         print(f'Best checkpoint {step_dir} is damaged '
               f'({checkpoint_files.one_line(e)}).')
-      self._set_aside([step_dir], 'best', is_main)
+      self._set_aside([step_dir], kind, is_main)
       return float('-inf')
 
-  def save_best(self, step: int, state, metrics: dict[str, float]) -> bool:
+  def best_step(self, kind: str = 'best') -> int | None:
+    """Returns the step of the best (or best_ema) checkpoint, or None."""
+    manager = self.best_ema if kind == 'best_ema' else self.best
+    return manager.latest_step()
+
+  def save_best(self, step: int, state, metrics: dict[str, float],
+                kind: str = 'best') -> bool:
     """Saves `state` as the new best checkpoint, with its metrics.
+
+    Args:
+      step: the training step.
+      state: the state to save (for 'best_ema', with params = the EMA).
+      metrics: its validation metrics ('dice' is read back by best_metric).
+      kind: 'best' or 'best_ema'.
 
     Returns:
       False if a best checkpoint of this step or a later one exists already
       (a run resumed from before it, e.g. after dying between save_best and
       save_latest, retrains the same steps): it is kept.
     """
-    newest = self.best.latest_step()
+    manager = self.best_ema if kind == 'best_ema' else self.best
+    newest = manager.latest_step()
     if newest is not None and step <= newest:
       return False
     meta = {k: float(v) for k, v in metrics.items()}
     meta['checksums'] = state_checksums(state)
-    self.best.save(step, args=ocp.args.Composite(
+    manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                    force=True)
     return True
@@ -197,12 +229,14 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until every pending asynchronous save has been written."""
     self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    for manager in self._bests():
+      manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases the managers."""
     self.latest.close()
-    self.best.close()
+    for manager in self._bests():
+      manager.close()
 
 
 def abstract_with_shardings(abstract_state, shardings):
@@ -260,7 +294,7 @@ def load_state_arrays(workdir: str, which: str = 'latest', step=None):
 
   Args:
     workdir: the run's workdir.
-    which: 'latest' or 'best'.
+    which: 'latest', 'best' or 'best_ema'.
     step: a step to load; the newest intact one of `which` when None.
 
   Returns:

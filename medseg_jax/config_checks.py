@@ -107,9 +107,15 @@ CHECKS: tuple[_Check, ...] = (
     ('optim.weight_decay', _nonneg, 'must be a finite number >= 0'),
     ('optim.b1', _below_one, 'must be a number in [0, 1)'),
     ('optim.b2', _below_one, 'must be a number in [0, 1)'),
-    ('optim.schedule', _one_of('cosine', 'constant'),
-     "must be 'cosine' or 'constant'"),
-    ('optim.name', _one_of('adamw', 'adam'), "must be 'adamw' or 'adam'"),
+    ('optim.schedule', _one_of('cosine', 'poly', 'constant'),
+     "must be 'cosine', 'poly' or 'constant'"),
+    ('optim.name', _one_of('adamw', 'adam', 'sgd'),
+     "must be 'adamw', 'adam' or 'sgd'"),
+    ('optim.momentum', _below_one, 'must be a number in [0, 1)'),
+    ('optim.nesterov', lambda v: isinstance(v, bool), 'must be True or False'),
+    ('optim.plateau_patience', _nonneg_int, _NONNEG_INT + ' (0 = off)'),
+    ('optim.plateau_factor', lambda v: _finite(v) and 0 < v < 1,
+     'must be a number in (0, 1)'),
     ('optim.warmup_epochs', _nonneg, 'must be a finite number >= 0'),
     ('optim.min_lr_ratio', _probability, _PROB),
     ('optim.grad_clip_norm', _finite, 'must be a finite number (<= 0: off)'),
@@ -122,6 +128,9 @@ CHECKS: tuple[_Check, ...] = (
     ('train.checkpoint_every_steps', _int_or_off,
      'must be a positive integer, or -1 for every evaluation'),
     ('train.max_checkpoints', _positive_int, _POSITIVE_INT),
+    ('train.early_stopping_patience', _nonneg_int, _NONNEG_INT + ' (0 = off)'),
+    ('train.ema_decay', _below_one, 'must be a number in [0, 1) (0 = off)'),
+    ('train.grad_accum_steps', _positive_int, _POSITIVE_INT),
     ('eval.batch_size', _positive_int, _POSITIVE_INT),
     ('eval.threshold', lambda v: _finite(v) and 0 < v < 1,
      'must be a number in (0, 1)'),
@@ -173,6 +182,18 @@ def _cross_checks(config) -> list[str]:
       and len(mean) != len(std)):
     problems.append(f'config.data.mean={tuple(mean)} and config.data.std='
                     f'{tuple(std)} must have the same length.')
+  _, batch = _get(config, 'train.batch_size')
+  _, accum = _get(config, 'train.grad_accum_steps')
+  if _positive_int(batch) and _positive_int(accum) and batch % accum:
+    problems.append(f'config.train.batch_size={batch} must be a multiple of '
+                    f'config.train.grad_accum_steps={accum} (the micro-batch '
+                    'is batch_size / grad_accum_steps).')
+  _, name = _get(config, 'optim.name')
+  _, nesterov = _get(config, 'optim.nesterov')
+  _, momentum = _get(config, 'optim.momentum')
+  if name == 'sgd' and nesterov is True and momentum == 0:
+    problems.append('config.optim.nesterov=True needs config.optim.momentum '
+                    '> 0 (it is 0); set nesterov=False for plain SGD.')
   _, weights = _get(config, 'loss.weights')
   if weights is not None:
     items = dict(weights.items()) if hasattr(weights, 'items') else {}

@@ -3,7 +3,8 @@
 Checks (config values, workdir lock, recipe, data set, mesh) -> input ->
 model and optimiser -> state (every checkpoint checked against it; fresh, or
 resumed from the newest intact one) -> jitted steps -> loop (update, log,
-evaluate, checkpoint) -> summary. The checks all run at start-up: the train
+evaluate (and the EMA parameters), reduce-on-plateau, early stopping,
+checkpoint) -> summary. The checks all run at start-up: the train
 step itself is untouched.
 """
 
@@ -156,6 +157,56 @@ def _writer_lock(workdir: str):
     yield
 
 
+class _EarlyStopping:
+  """Counts evaluations without a better validation Dice (patience 0: off).
+
+  The count at a resume is derived from the checkpoints alone (the step of
+  the best one and the evaluation interval), so every process, and a run
+  started again, agrees with the run that was interrupted.
+  """
+
+  def __init__(self, patience: int, eval_every: int, start_step: int,
+               best_step):
+    self.patience, self.best_step = patience, best_step
+    if best_step is None or best_step <= start_step:
+      self.count = start_step // eval_every - (best_step or 0) // eval_every
+    else:  # A best of a later step exists: its step is trained again.
+      self.count = 0
+
+  def stopped(self) -> bool:
+    """Whether the patience has run out."""
+    return self.patience > 0 and self.count >= self.patience
+
+  def update(self, step: int, improved: bool) -> bool:
+    """Records the evaluation at `step`; returns whether to stop now.
+
+    Reaching a best checkpoint's step again (a resume from before it) counts
+    as the improvement it was, though its Dice only equals the best.
+    """
+    if improved or step == self.best_step:
+      self.count, self.best_step = 0, step
+    else:
+      self.count += 1
+    return self.stopped()
+
+
+def _evaluate_ema(eval_step, state, data, config, mesh, log, ckpt, step,
+                  best_ema_dice: float) -> float:
+  """Evaluates the EMA parameters, logs 'val_ema', saves a better best_ema.
+
+  Returns:
+    The best EMA validation Dice so far.
+  """
+  ema_state = state.replace(params=optim.ema_params(state.opt_state))
+  metrics = evaluate(eval_step, ema_state, data, config, 'val', mesh)
+  log.write(step, 'val_ema', metrics)
+  if metrics['dice'] > best_ema_dice:
+    ckpt.check_space()
+    if ckpt.save_best(step, ema_state, metrics, kind='best_ema'):
+      return metrics['dice']
+  return best_ema_dice
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains, evaluates on the validation split and checkpoints, resuming if possible.
 
@@ -168,7 +219,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir: where config.json, metrics.jsonl and checkpoints/ are written.
 
   Returns:
-    The validation metrics of the last evaluation, plus 'best_dice'.
+    The validation metrics of the last evaluation, plus 'best_dice' (and
+    'best_ema_dice' with train.ema_decay > 0, 'early_stop_step' when the run
+    stopped early).
   """
   config_checks.validate_config(config)
   workdir_lib.check_writable(workdir)
@@ -193,6 +246,13 @@ def _train_locked(config, workdir: str) -> dict:
                             'config.train.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh,
                             'config.eval.batch_size')
+  accum = config.train.get('grad_accum_steps', 1)
+  if accum > 1:
+    parallel.check_batch_size(
+        config.train.batch_size // accum, mesh,
+        'config.train.batch_size / config.train.grad_accum_steps')
+  ema_decay = config.train.get('ema_decay', 0.0)
+  plateau_on = config.optim.get('plateau_patience', 0) > 0
 
   # Input. Grain's worker processes read Grain's absl flags, which main's
   # app.run parses; callers outside app.run (notebooks, tests) have none.
@@ -207,7 +267,7 @@ def _train_locked(config, workdir: str) -> dict:
   model = models.create_model(config.model, config.data.num_classes)
   schedule = optim.learning_rate_schedule(
       config.optim, total_steps=total_steps, warmup_steps=sched['warmup_steps'])
-  tx = optim.create_optimizer(config.optim, schedule)
+  tx = optim.create_optimizer(config.optim, schedule, ema_decay)
 
   # State: every saved checkpoint (latest and best) must hold this model;
   # then the newest intact latest one is restored, or the state is fresh.
@@ -220,7 +280,8 @@ def _train_locked(config, workdir: str) -> dict:
     workdir_lib.write_config(workdir, config)
   parallel.barrier('config_written')
   ckpt = checkpoint_lib.Checkpointer(workdir, config.train.max_checkpoints,
-                                     state_bytes=state_lib.nbytes(abstract))
+                                     state_bytes=state_lib.nbytes(abstract),
+                                     ema=ema_decay > 0)
   state, start_step = ckpt.restore_latest(
       checkpoint_lib.abstract_with_shardings(abstract, shardings), train_iter,
       is_main=is_main, known_damaged=damaged)
@@ -233,12 +294,22 @@ def _train_locked(config, workdir: str) -> dict:
   log = workdir_lib.MetricsLog(workdir, enabled=is_main)
   log.start(start_step)
   best_dice = ckpt.best_metric(is_main=is_main)
+  best_ema_dice = (ckpt.best_metric(is_main=is_main, kind='best_ema')
+                   if ema_decay > 0 else None)
+  early = _EarlyStopping(config.train.get('early_stopping_patience', 0),
+                         sched['eval_every'], start_step, ckpt.best_step())
 
   # Steps, jitted once; the state is donated so it is updated in place.
   replicated = parallel.replicated_sharding(mesh)
   train_step = jax.jit(
-      steps.make_train_step(model, tx, config.loss.weights, schedule),
+      steps.make_train_step(model, tx, config.loss.weights, schedule,
+                            grad_accum_steps=accum),
       donate_argnums=0, out_shardings=(shardings, replicated))
+  # Reduce-on-plateau sees each evaluation's Dice once, outside the step.
+  observe_plateau = jax.jit(
+      lambda st, dice: st.replace(opt_state=optim.observe_plateau(
+          st.opt_state, dice, config.optim)),
+      donate_argnums=0, out_shardings=shardings) if plateau_on else None
   eval_step = jax.jit(
       steps.make_eval_step(model, config.data.num_classes,
                            config.eval.threshold), out_shardings=replicated)
@@ -256,9 +327,15 @@ def _train_locked(config, workdir: str) -> dict:
   logger = _IntervalLogger(log, bar, config.train.batch_size,
                            sched['steps_per_epoch'])
   last_checkpoint, val_metrics = start_step or None, {}
+  stop_step = start_step if early.stopped() else None
+  if stop_step is not None and is_main:
+    print(f'{workdir} stopped early at step {stop_step} (no better '
+          f'validation Dice in {early.patience} evaluations); reporting.')
   failed = True
   try:
     for step in range(start_step + 1, total_steps + 1):
+      if stop_step is not None:
+        break
       local = next(train_iter)
       batch = parallel.global_batch(
           {'image': local['image'], 'label': local['label']}, mesh)
@@ -281,10 +358,23 @@ def _train_locked(config, workdir: str) -> dict:
         log.write(step, 'val', val_metrics)
         bar.write(f'step {step}: val dice {val_metrics["dice"]:.4f} '
                   f'iou {val_metrics["iou"]:.4f}')
-        if val_metrics['dice'] > best_dice:
+        improved = bool(val_metrics['dice'] > best_dice)
+        if improved:
           ckpt.check_space()
           if ckpt.save_best(step, state, val_metrics):
             best_dice = val_metrics['dice']
+        if ema_decay > 0:
+          best_ema_dice = _evaluate_ema(eval_step, state, data, config, mesh,
+                                        log, ckpt, step, best_ema_dice)
+        if observe_plateau is not None:
+          state = observe_plateau(state, val_metrics['dice'])
+        if early.update(step, improved) and step < total_steps:
+          stop_step = step
+          log.write(step, 'early_stop', {
+              'best_step': -1 if early.best_step is None else early.best_step,
+              'best_dice': best_dice, 'patience': early.patience})
+          bar.write(f'step {step}: stopping early, no better validation '
+                    f'Dice in {early.patience} evaluations.')
       if is_ckpt:
         ckpt.check_space()
         ckpt.save_latest(step, state, train_iter)
@@ -311,4 +401,8 @@ def _train_locked(config, workdir: str) -> dict:
   if not val_metrics:  # The run had already finished: report, do not retrain.
     val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
   val_metrics['best_dice'] = best_dice
+  if ema_decay > 0:
+    val_metrics['best_ema_dice'] = best_ema_dice
+  if stop_step is not None:
+    val_metrics['early_stop_step'] = stop_step
   return val_metrics

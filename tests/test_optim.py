@@ -1,8 +1,10 @@
-"""Tests of medseg_jax.optim: schedule values worked out by hand, the
-weight-decay mask and gradient clipping seen through the optimiser's updates."""
+"""Tests of medseg_jax.optim: schedule values worked out by hand (cosine, poly),
+the weight-decay mask, gradient clipping, SGD with Nesterov momentum and
+reduce-on-plateau seen through the optimiser's updates."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -62,8 +64,8 @@ def test_unknown_schedule_and_optimizer_are_named():
   with pytest.raises(ValueError, match=r"config.optim.schedule='linear'"):
     optim.learning_rate_schedule(_optim_cfg(schedule='linear'),
                                  total_steps=10, warmup_steps=0)
-  with pytest.raises(ValueError, match=r"config.optim.name='sgd'"):
-    optim.create_optimizer(_optim_cfg(name='sgd'),
+  with pytest.raises(ValueError, match=r"config.optim.name='lion'"):
+    optim.create_optimizer(_optim_cfg(name='lion'),
                            optax.constant_schedule(LR))
 
 
@@ -115,3 +117,82 @@ def test_gradient_clipping_by_global_norm():
     for leaf in (mu['conv']['kernel'], mu['norm']['scale']):
       np.testing.assert_allclose(leaf, 0.1 * expected, rtol=1e-5,
                                  err_msg=f'grad_clip_norm={clip}')
+
+
+def test_poly_schedule_at_known_steps():
+  # nnU-Net's poly after a 10-step warmup over the 100 steps left:
+  # LR * (1 - t / 100) ** 0.9, t counted from the end of the warmup.
+  schedule = optim.learning_rate_schedule(
+      _optim_cfg(schedule='poly'), total_steps=110, warmup_steps=10)
+  np.testing.assert_allclose(
+      _values(schedule, [0, 5, 10, 35, 60, 100, 110, 200]),
+      [0.0, LR / 2, LR, LR * 0.75 ** 0.9, LR * 0.5 ** 0.9, LR * 0.1 ** 0.9,
+       0.0, 0.0], rtol=1e-5, atol=1e-9)
+  no_warmup = optim.learning_rate_schedule(
+      _optim_cfg(schedule='poly'), total_steps=4, warmup_steps=0)
+  np.testing.assert_allclose(_values(no_warmup, [0, 1, 2, 3, 4]),
+                             [LR * (1 - t / 4) ** 0.9 for t in range(5)],
+                             rtol=1e-5, atol=1e-9)
+
+
+def test_sgd_nesterov_two_updates_by_hand():
+  # PyTorch's SGD(momentum=m, nesterov=True, weight_decay=wd), which nnU-Net
+  # uses: d = g + wd * p (kernels only); buf = m * buf + d;
+  # p -= LR * (d + m * buf). Gradients are all 1, no clipping.
+  m, wd = 0.99, 0.5
+  cfg = _optim_cfg(name='sgd', momentum=m, nesterov=True, weight_decay=wd,
+                   grad_clip_norm=0.0)
+  params = _params()
+  tx = optim.create_optimizer(cfg, optax.constant_schedule(LR))
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+
+  def by_hand(p, decay):
+    buf = 0.0
+    for _ in range(2):
+      d = 1.0 + (wd * p if decay else 0.0)
+      buf = m * buf + d
+      p = p - LR * (d + m * buf)
+    return p
+
+  # Kernel: d1 = 2, buf1 = 2, p1 = 2 - 0.1 * 3.98 = 1.602; then
+  # d2 = 1.801, buf2 = 3.781, p2 = 1.602 - 0.1 * 5.54419 = 1.047581.
+  assert by_hand(2.0, True) == pytest.approx(1.047581)
+  np.testing.assert_allclose(params['conv']['kernel'], by_hand(2.0, True),
+                             rtol=1e-6)
+  np.testing.assert_allclose(params['dense']['kernel'], by_hand(2.0, True),
+                             rtol=1e-6)
+  np.testing.assert_allclose(params['conv']['bias'], by_hand(2.0, False),
+                             rtol=1e-6)
+  np.testing.assert_allclose(params['norm']['scale'], by_hand(2.0, False),
+                             rtol=1e-6)
+
+
+def test_plateau_scale_drops_after_patience_evaluations():
+  # Plain SGD, gradient 1: the update is -LR * scale. Patience 2, factor
+  # 0.5: Dice 0.5 (best), 0.6 (better), then 0.6, 0.6 (no better: the 2nd
+  # one cuts the scale), 0.6, 0.6 (cut again), 0.7 (better: kept).
+  cfg = _optim_cfg(name='sgd', momentum=0.0, nesterov=False,
+                   weight_decay=0.0, grad_clip_norm=0.0, plateau_patience=2,
+                   plateau_factor=0.5)
+  tx = optim.create_optimizer(cfg, optax.constant_schedule(LR))
+  params = {'w': jnp.zeros((3,))}
+  state = tx.init(params)
+  observe = jax.jit(lambda s, d: optim.observe_plateau(s, d, cfg))
+  scales, steps = [], []
+  for dice in (0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.7):
+    state = observe(state, dice)
+    scales.append(float(optim.plateau_scale(state)))
+    updates, state = tx.update({'w': jnp.ones((3,))}, state, params)
+    steps.append(float(updates['w'][0]))
+  assert scales == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+  np.testing.assert_allclose(steps, [-LR * s for s in scales], rtol=1e-6)
+  # The train step does not count: many updates without an evaluation
+  # leave the plateau state as it was.
+  before = state.plateau
+  for _ in range(5):
+    _, state = tx.update({'w': jnp.ones((3,))}, state, params)
+  assert jax.tree.map(float, state.plateau) == jax.tree.map(float, before)

@@ -8,8 +8,10 @@ import numpy as np
 import optax
 
 from medseg_jax import losses
+from medseg_jax import optim
 from medseg_jax import state as state_lib
 from medseg_jax import steps
+from tests import conftest
 
 
 class DropoutNet(nn.Module):
@@ -168,3 +170,93 @@ def test_eval_step_counts_binary_threshold():
   # foreground (tp + fp), and the counts differ from those at 0.5.
   assert at_median[0, 0] + at_median[0, 1] == 18
   assert not np.array_equal(at_half, at_median)
+
+
+class PlainNet(nn.Module):
+  """Conv -> ReLU -> Conv, no normalisation: a batch is a sum of its cases."""
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return nn.Conv(self.num_classes, (1, 1))(nn.relu(nn.Conv(4, (3, 3))(x)))
+
+
+def test_gradient_accumulation_over_two_half_batches_equals_the_full_batch():
+  model = PlainNet(num_classes=3)
+  tx = optax.sgd(1.0)
+  batch = _batch(3, seed=5, batch=4)
+  state = _state(model, tx, (1, 6, 6, 2))
+  rng = jax.random.key(0)
+  weights = {'dice': 1.0, 'ce': 0.5}
+  full_state, full = jax.jit(steps.make_train_step(
+      model, tx, weights, lambda c: 0.0))(state, batch, rng)
+  accum_state, accum = jax.jit(steps.make_train_step(
+      model, tx, weights, lambda c: 0.0, grad_accum_steps=2))(state, batch,
+                                                              rng)
+  np.testing.assert_allclose(accum['loss'], full['loss'], rtol=1e-6)
+  np.testing.assert_allclose(accum['l2_grads'], full['l2_grads'], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(accum_state.params),
+                       jax.tree.leaves(full_state.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # Not trivially equal: one half-batch alone gives another update.
+  half = jax.tree.map(lambda x: x[::2], batch)
+  half_state, _ = jax.jit(steps.make_train_step(
+      model, tx, weights, lambda c: 0.0))(state, half, rng)
+  gap = max(float(jnp.abs(a - b).max()) for a, b in
+            zip(jax.tree.leaves(half_state.params),
+                jax.tree.leaves(full_state.params)))
+  assert gap > 1e-3
+
+
+def test_gradient_accumulation_with_batch_norm_and_dropout_runs():
+  # BatchNorm sees micro-batches (documented): the running statistics are
+  # updated once per micro-batch, so they differ from the full batch's.
+  model = DropoutNet(num_classes=1)
+  tx = optax.adam(1e-2)
+  batch = _batch(1, seed=6, batch=4)
+  state = _state(model, tx, (1, 6, 6, 2))
+  rng = jax.random.key(1)
+  accum_state, metrics = jax.jit(steps.make_train_step(
+      model, tx, {'ce': 1.0}, lambda c: 0.0, grad_accum_steps=2))(
+          state, batch, rng)
+  full_state, _ = jax.jit(steps.make_train_step(
+      model, tx, {'ce': 1.0}, lambda c: 0.0))(state, batch, rng)
+  assert np.isfinite(float(metrics['loss'])) and int(accum_state.step) == 1
+  stats = jax.tree.leaves(accum_state.batch_stats)
+  assert not all(np.allclose(a, b) for a, b in
+                 zip(stats, jax.tree.leaves(full_state.batch_stats)))
+
+
+def test_ema_of_the_parameters_follows_the_recursion():
+  # ema_0 = initial params; ema_t = d * ema_(t-1) + (1 - d) * params_t, with
+  # params_t the parameters after step t. The EMA leaves training unchanged.
+  decay = 0.8
+  model = PlainNet(num_classes=1)
+  cfg = conftest.set_fields(conftest.tiny_config().optim, {
+      'name': 'sgd', 'momentum': 0.9, 'nesterov': True, 'lr': 0.5})
+  schedule = optax.constant_schedule(0.5)
+  with_ema = optim.create_optimizer(cfg, schedule, ema_decay=decay)
+  without = optim.create_optimizer(cfg, schedule)
+  state = _state(model, with_ema, (1, 6, 6, 2))
+  plain = _state(model, without, (1, 6, 6, 2))
+  step_ema = jax.jit(steps.make_train_step(model, with_ema, {'ce': 1.0},
+                                           schedule), donate_argnums=0)
+  step_plain = jax.jit(steps.make_train_step(model, without, {'ce': 1.0},
+                                             schedule))
+  rng = jax.random.key(2)
+  expected = jax.tree.map(np.asarray, state.params)
+  for i in range(3):
+    batch = _batch(1, seed=10 + i, batch=2)
+    state, _ = step_ema(state, batch, rng)
+    plain, _ = step_plain(plain, batch, rng)
+    params = jax.tree.map(np.asarray, state.params)
+    expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                            expected, params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(plain.params)):
+      np.testing.assert_array_equal(a, b)
+  ema = optim.ema_params(state.opt_state)
+  for got, want, now in zip(jax.tree.leaves(ema), jax.tree.leaves(expected),
+                            jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert float(np.abs(np.asarray(now) - want).max()) > 1e-4  # not params
