@@ -199,6 +199,7 @@ RESULT_NEUTRAL_KEYS = (
     'eval.overlap', 'eval.blend', 'eval.sw_batch_size', 'eval.tta',
     'eval.postprocess', 'eval.mc_samples', 'eval.save_probabilities',
     'eval.gradcam_layer', 'eval.nsd_tolerance_mm',
+    'export',  # --mode=export only.
 )
 
 

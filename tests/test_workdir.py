@@ -76,7 +76,8 @@ def test_result_neutral_keys_exist_and_only_they_may_differ(tiny):
     assert any(k[1:] == key or k[1:].startswith(key + '.') for k in flat), key
   neutral = tiny(train__progress_bar=True, train__log_every_steps=7,
                  data__prefetch_buffer_size=1, data__cache='none', eval__tta=True,
-                 eval__postprocess__min_size=5, eval__batch_size=8)
+                 eval__postprocess__min_size=5, eval__batch_size=8,
+                 eval__nsd_tolerance_mm=1.0, export__quantize='int8')
   assert workdir_lib.recipe_differences(_dict(base), _dict(neutral)) == []
   changed = tiny(data__split_seed=1, optim__lr=0.5, train__num_steps=9,
                  eval__threshold=0.3, model__features=(4, 8, 32),
