@@ -219,7 +219,9 @@ class Down(nn.Module):
     """Args: x `[B, *spatial, C]`; train. Returns `[B, *spatial/2, C]`."""
     ndim = x.ndim - 2
     if self.mode == 'maxpool':
-      return nn.max_pool(x, (2,) * ndim, strides=(2,) * ndim, padding='VALID')
+      # window_shape by keyword: jax2onnx's max_pool takes it so (export).
+      return nn.max_pool(x, window_shape=(2,) * ndim, strides=(2,) * ndim,
+                         padding='VALID')
     if self.mode == 'strided':
       channels = x.shape[-1]
       y = nn.Conv(channels, (3,) * ndim, strides=(2,) * ndim, padding='SAME',
@@ -285,7 +287,8 @@ class Up(nn.Module):
                         (self.features,), self.param_dtype)
       return depth_to_space_2x(y, self.features) + bias.astype(y.dtype)
     shape = (x.shape[0], *(2 * s for s in x.shape[1:-1]), x.shape[-1])
-    x = jax.image.resize(x.astype(self.dtype), shape, method=mode)
+    x = jax.image.resize(x.astype(self.dtype), shape, method=mode,
+                         antialias=False)  # Upsampling: no effect; ONNX needs it.
     return nn.Conv(self.features, (1,) * ndim, kernel_init=default_kernel_init,
                    dtype=self.dtype, param_dtype=self.param_dtype,
                    name='conv')(x)

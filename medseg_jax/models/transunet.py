@@ -120,7 +120,8 @@ class ResNetEncoder(nn.Module):
     outputs = [layers.dropout(y, self.dropout_rate, deterministic)]
     for i, units in enumerate(self.stage_blocks, start=1):
       if i == 1:
-        y = nn.max_pool(y, (3,) * ndim, strides=(2,) * ndim, padding='SAME')
+        y = nn.max_pool(y, window_shape=(3,) * ndim, strides=(2,) * ndim,
+                        padding='SAME')
       for j in range(units):
         y = ResidualUnit(self.features[i], self.block,
                          strides=2 if i > 1 and j == 0 else 1, norm=self.norm,
@@ -228,7 +229,7 @@ class ViTEncoder(nn.Module):
 
 def _resize(y, factor: int, method: str):
   shape = (y.shape[0], *(factor * s for s in y.shape[1:-1]), y.shape[-1])
-  return jax.image.resize(y, shape, method=method)
+  return jax.image.resize(y, shape, method=method, antialias=False)
 
 
 class CascadedUpsampler(nn.Module):
