@@ -6,6 +6,11 @@ Modes:
               to WORKDIR/eval/<split>/ (best checkpoint unless --checkpoint).
   predict     masks for the images/volumes at --input, written to --output.
   check_data  check the data set of --config and list every problem found.
+  export      WORKDIR/export/: StableHLO, ONNX, manifest, parity (export.py).
+  sweep       train and evaluate every run of a sweep file (get_config +
+              get_sweep, e.g. configs/sweeps/isic_fractions.py:cpu) in
+              sub-workdirs of --workdir, then write results.csv, results.md,
+              comparison.md and plots there; resumable (medseg_jax/sweep.py).
 
 Every config field can be overridden, e.g. `--config.optim.lr=3e-4`.
 evaluate and predict use the run's config.json (merged over
@@ -44,7 +49,9 @@ config_flags.DEFINE_config_file(
     'evaluate/predict, configs/run.py:<workdir> (the default there).',
     lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'check_data'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'evaluate', 'predict', 'check_data', 'sweep',
+                   'export'],
                   'What to run.')
 flags.DEFINE_string('split', 'test', 'evaluate: train, val, test or all.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
@@ -58,12 +65,19 @@ flags.DEFINE_bool('overwrite', False, 'predict: replace the files of an '
 flags.DEFINE_list('ensemble', [], 'evaluate/predict: workdirs of other runs '
                   'of the same model (e.g. the other cross-validation folds) '
                   "whose probabilities are averaged with --workdir's.")
+flags.DEFINE_integer('sweep_parallel', 1, 'sweep: runs at once (each on its '
+                     'own GPU, round-robin, when there are GPUs).')
+flags.DEFINE_enum('sweep_emit', None, ['slurm'], 'sweep: write a SLURM array '
+                  'script (WORKDIR/sweep.slurm, one run per task) and exit.')
+flags.DEFINE_integer('sweep_index', None, 'sweep: run only run i (a SLURM '
+                     'array task); no aggregation.')
 flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of JAX processes.')
 flags.DEFINE_integer('process_id', None, 'Index of this JAX process.')
 
-_RUN_MODES = ('evaluate', 'predict')  # Modes that default to the run's config.
+# Modes that default to the run's config.
+_RUN_MODES = ('evaluate', 'predict', 'export')
 _OVERRIDE = re.compile(r'^--?(?:no)?config\.([A-Za-z0-9_.]+)')
 
 
@@ -214,6 +228,18 @@ def _run_mode() -> None:
         overwrite=FLAGS.overwrite)
     if failures:
       sys.exit(1)
+  elif FLAGS.mode == 'sweep':
+    _require('config', 'workdir')
+    from medseg_jax import sweep  # pylint: disable=import-outside-toplevel
+    sweep.run_sweep(FLAGS.config, FLAGS['config'].config_filename,
+                    FLAGS.workdir, parallel=FLAGS.sweep_parallel,
+                    emit=FLAGS.sweep_emit, index=FLAGS.sweep_index,
+                    argv=sys.argv)
+  elif FLAGS.mode == 'export':  # StableHLO + ONNX + manifest + parity.
+    _require('workdir')
+    from medseg_jax import export  # pylint: disable=import-outside-toplevel
+    export.export_run(FLAGS.config, FLAGS.workdir, which=FLAGS.checkpoint,
+                      step=FLAGS.step)
 
 
 def main(argv) -> None:
@@ -223,10 +249,12 @@ def main(argv) -> None:
     # Orbax and Grain log every save at INFO; keep the console to the progress
     # bar and our summaries unless the user asks for more (-v 0).
     logging.set_verbosity(logging.WARNING)
-  _enable_compilation_cache()
-  _initialize_distributed()
-  logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
-               jax.process_count(), jax.devices())
+  if FLAGS.mode != 'sweep':  # A sweep's runs are subprocesses; this process
+    # must not take the accelerators' memory they need.
+    _enable_compilation_cache()
+    _initialize_distributed()
+    logging.info('JAX process %d/%d, devices: %s', jax.process_index(),
+                 jax.process_count(), jax.devices())
   try:
     _run_mode()
   except (ValueError, PermissionError, FileNotFoundError,

@@ -24,7 +24,7 @@ TRUTH_COLOR = (0.1, 0.85, 0.2)  # Binary truth: green; prediction: red.
 PRED_COLOR = (0.95, 0.15, 0.1)
 
 
-def _save(fig: Figure, path: str) -> None:
+def save_png(fig: Figure, path: str) -> None:
   """Renders `fig` to PNG at `path`, atomically (`fileio.atomic_write`)."""
   FigureCanvasAgg(fig)
   with fileio.atomic_write(path, 'wb') as f:
@@ -200,7 +200,7 @@ def plot_case_grid(cases: Sequence, path: str) -> None:
     _overlay(row[2], image, pred, pred_color, contour=truth)
     row[2].set_title('prediction (truth dashed)', fontsize=9)
   fig.tight_layout()
-  _save(fig, path)
+  save_png(fig, path)
 
 
 # ------------------------------------------------------------ distributions
@@ -257,7 +257,7 @@ def plot_metric_distributions(rows, path: str) -> None:
                                   if excluded else ''), fontsize=9)
   _plot_volumes(axes[-1], rows, classes)
   fig.tight_layout()
-  _save(fig, path)
+  save_png(fig, path)
 
 
 def _plot_volumes(ax, rows, classes) -> None:
@@ -334,7 +334,7 @@ def plot_training_curves(records, path: str) -> None:
   ax_loss.set_title('training loss')
   ax_dice.set_title('validation Dice')
   fig.tight_layout()
-  _save(fig, path)
+  save_png(fig, path)
 
 
 # --------------------------------------------------------------- calibration
@@ -386,4 +386,4 @@ def plot_reliability(bins: dict, path: str) -> None:
   ax_count.set_xlabel('confidence')
   ax_count.set_ylabel('pixels')
   fig.tight_layout()
-  _save(fig, path)
+  save_png(fig, path)
