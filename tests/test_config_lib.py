@@ -18,13 +18,7 @@ from tests import conftest
 def _saved(**sections):
   """Returns configs/default.py as a config.json dict, with `sections` set."""
   saved = json.loads(config_lib.default_config().to_json_best_effort())
-  for key, value in sections.items():
-    *parents, leaf = key.split('__')
-    node = saved
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return saved
+  return conftest.set_fields(saved, sections)  # Plain dicts index alike.
 
 
 def _old_run(tmp_path, saved):
