@@ -12,7 +12,10 @@ config.json before it starts; it is then trained and evaluated on the test
 split by `python -m medseg_jax.main --config=configs/run.py:<sub-workdir>`
 in a subprocess, so a crash of one run does not stop the others and each
 run's own lock and recipe check protect it. Then `sweep_report` writes
-results.csv, results.md, plots and comparison.md into the sweep workdir.
+results.csv, results.md, plots and comparison.md into the sweep workdir,
+and, when the sweep varies data.fold, `sweep_cv` evaluates the folds on
+val and the fold ensembles on test and writes cv_summary.md/.json and
+best.json.
 
 Rerunning the same command skips finished runs (trained, and evaluated at
 their best checkpoint), resumes interrupted ones and never retrains. Every
@@ -34,6 +37,7 @@ import sys
 from medseg_jax import config_checks
 from medseg_jax import config_lib
 from medseg_jax import fileio
+from medseg_jax import sweep_cv
 from medseg_jax import sweep_report
 from medseg_jax import workdir as workdir_lib
 
@@ -333,10 +337,14 @@ def run_sweep(base, config_filename: str, workdir: str, parallel: int = 1,
     return {runs[index].name: outcome}
   with workdir_lib.acquire_lock(workdir, '--mode=sweep'):
     outcomes = execute_all(runs, parallel)
+    # CV: fold runs on val, fold and pair ensembles (finished ones skipped).
+    outcomes.update(sweep_cv.run_cv_evaluations(runs, _run_logged))
     sweep_report.write_reports(runs, workdir)
+    cv = sweep_cv.write_cv_reports(runs, workdir)
   failed = {n: o for n, o in outcomes.items() if o not in ('done', 'finished')}
   print(f'Results in {os.path.abspath(workdir)}: results.csv, results.md, '
-        'comparison.md, plots.')
+        'comparison.md, plots' +
+        (', cv_summary.md/.json, best.json.' if cv else '.'))
   if failed:
     raise ValueError(f'{len(failed)} of {len(runs)} sweep runs failed:\n' +
                      '\n'.join(f'  {n}: {o}' for n, o in failed.items()) +
