@@ -161,6 +161,10 @@ def get_config(arg=None):
   config.train.checkpoint_every_steps = -1  # -1: at every evaluation.
   config.train.max_checkpoints = 2
   config.train.progress_bar = True
+  # TensorBoard event files in WORKDIR/tensorboard/: every scalar of
+  # metrics.jsonl and validation overlays at each evaluation (a view only:
+  # metrics.jsonl stays the record).
+  config.train.tensorboard = True
   # Early stopping: the run ends after this many evaluations in a row without
   # a better validation Dice than the best so far (seed 004: 15); 0 = off.
   # The best checkpoint is kept, a latest one saved, and metrics.jsonl gets

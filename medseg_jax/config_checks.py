@@ -128,6 +128,8 @@ CHECKS: tuple[_Check, ...] = (
     ('train.checkpoint_every_steps', _int_or_off,
      'must be a positive integer, or -1 for every evaluation'),
     ('train.max_checkpoints', _positive_int, _POSITIVE_INT),
+    ('train.tensorboard', lambda v: isinstance(v, bool),
+     'must be True or False'),
     ('train.early_stopping_patience', _nonneg_int, _NONNEG_INT + ' (0 = off)'),
     ('train.ema_decay', _below_one, 'must be a number in [0, 1) (0 = off)'),
     ('train.grad_accum_steps', _positive_int, _POSITIVE_INT),

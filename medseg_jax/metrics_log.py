@@ -4,6 +4,8 @@ Written by training (train, compile, val records); read by reports and plots.
 A resume appends a marker, and readers drop the records of steps that were
 trained again after it, so every (step, split) appears once in what they read.
 A partial last line (a write cut off by a crash or a full disk) is skipped.
+Each record is passed on to the run's TensorBoard writer after its line is
+written (tensorboard.py): this file stays the source of truth.
 """
 
 import json
@@ -17,9 +19,16 @@ RESUME_SPLIT = 'resume'
 class MetricsLog:
   """Appends one JSON object per event to `metrics.jsonl`."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard=None):
+    """Args:
+      workdir: the run's workdir.
+      enabled: False writes nothing (processes other than 0).
+      tensorboard: optional `tensorboard.TensorBoardWriter`; each record's
+        values are passed to its `scalars` after the JSON line is written.
+    """
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = enabled
+    self.tensorboard = tensorboard
 
   def start(self, start_step: int) -> None:
     """Prepares the log for this start of the run, at `start_step` (0: fresh).
@@ -47,6 +56,16 @@ class MetricsLog:
     record.update({k: float(v) for k, v in values.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+    # After the line: metrics.jsonl is the record, TensorBoard a view of it
+    # (its writer never raises, so it cannot stop the run).
+    if self.tensorboard is not None:
+      self.tensorboard.scalars(step, split, record_values(record))
+
+
+def record_values(record: dict) -> dict:
+  """The values of a record: all but its 'step', 'split' and 'time'."""
+  return {k: v for k, v in record.items()
+          if k not in ('step', 'split', 'time')}
 
 
 def read_metrics(workdir: str, keep_resumes: bool = False) -> list[dict]:

@@ -9,6 +9,7 @@ step itself is untouched.
 """
 
 import contextlib
+import functools
 import time
 
 from absl import flags
@@ -25,6 +26,7 @@ from medseg_jax import optim
 from medseg_jax import parallel
 from medseg_jax import state as state_lib
 from medseg_jax import steps
+from medseg_jax import tensorboard as tensorboard_lib
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import check
 from medseg_jax.data import pipeline
@@ -291,7 +293,10 @@ def _train_locked(config, workdir: str) -> dict:
   else:
     state = state_lib.create_train_state(model, tx, input_shape, init_rng, mesh)
     start_step = 0
-  log = workdir_lib.MetricsLog(workdir, enabled=is_main)
+  tb = tensorboard_lib.TensorBoardWriter(
+      workdir, start_step,
+      enabled=is_main and config.train.get('tensorboard', True))
+  log = workdir_lib.MetricsLog(workdir, enabled=is_main, tensorboard=tb)
   log.start(start_step)
   best_dice = ckpt.best_metric(is_main=is_main)
   best_ema_dice = (ckpt.best_metric(is_main=is_main, kind='best_ema')
@@ -313,6 +318,9 @@ def _train_locked(config, workdir: str) -> dict:
   eval_step = jax.jit(
       steps.make_eval_step(model, config.data.num_classes,
                            config.eval.threshold), out_shardings=replicated)
+  # Overlays: one process holds all the state (multi-process: scalars only).
+  overlays = (tensorboard_lib.OverlaySampler(model, config, data)
+              if tb.enabled and jax.process_count() == 1 else None)
 
   # Loop.
   if is_main:
@@ -356,6 +364,9 @@ def _train_locked(config, workdir: str) -> dict:
       if is_eval:
         val_metrics = evaluate(eval_step, state, data, config, 'val', mesh)
         log.write(step, 'val', val_metrics)
+        if overlays is not None:
+          tb.overlays(step, functools.partial(overlays, state),
+                      config.data.num_classes)
         bar.write(f'step {step}: val dice {val_metrics["dice"]:.4f} '
                   f'iou {val_metrics["iou"]:.4f}')
         improved = bool(val_metrics['dice'] > best_dice)
@@ -389,6 +400,7 @@ def _train_locked(config, workdir: str) -> dict:
     raise
   finally:  # Pending saves complete even when the run stops on an error.
     bar.close()
+    tb.close()
     train_iter.close()
     try:
       ckpt.close()

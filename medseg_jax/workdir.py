@@ -186,6 +186,7 @@ STATE_DEFINING_KEYS = ('model', 'data.num_classes', 'data.in_channels',
 RESULT_NEUTRAL_KEYS = (
     'train.log_every_steps',
     'train.progress_bar',
+    'train.tensorboard',  # A view of metrics.jsonl.
     'train.checkpoint_every_steps',  # Resumes are bit-identical anyway.
     'train.max_checkpoints',
     # Not data.worker_count: Grain's saved iterator position has one entry

@@ -26,6 +26,9 @@ TINY_OVERRIDES = {
     'train.log_every_steps': 1,
     'train.eval_every_epochs': 100.0,
     'train.progress_bar': False,
+    # TensorBoard has its own tests (test_tensorboard.py); elsewhere its
+    # overlay predict would only add a compile to every tiny run.
+    'train.tensorboard': False,
     'eval.batch_size': 4,
 }
 
