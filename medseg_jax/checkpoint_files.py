@@ -242,7 +242,7 @@ def check_all_match(workdir: str, abstract_state) -> dict[str, str]:
     CheckpointMismatchError: a readable checkpoint holds another model.
   """
   damaged = {}
-  for kind in ('latest', 'best'):
+  for kind in ('latest', 'best', 'best_ema'):
     directory = os.path.join(workdir, 'checkpoints', kind)
     for step in step_numbers(directory):
       step_dir = os.path.join(directory, str(step))

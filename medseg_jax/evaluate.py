@@ -210,7 +210,8 @@ def evaluate_run(config, workdir: str, split: str = 'test',
     config: the run's config (or another data set's, same model).
     workdir: the run's workdir.
     split: 'train', 'val', 'test' or 'all'.
-    which: 'best' or 'latest' checkpoint.
+    which: 'best', 'latest' or 'best_ema' checkpoint (best_ema's reports go
+      to <eval root>/best_ema/<split>/).
     step: a step to load instead of the newest.
     ensemble: other runs' workdirs whose models are averaged with this one's
       (their `which` checkpoints), e.g. the other folds.
@@ -229,6 +230,8 @@ def evaluate_run(config, workdir: str, split: str = 'test',
   if config_lib.slice_context(config) is not None:
     data = volume_cases(data)
   root = eval_root(config, workdir, ensemble)
+  if which == 'best_ema':  # Beside, never over, the raw parameters' reports.
+    root = os.path.join(root, 'best_ema')
   results = {}
   for name in wanted:
     if not data.size(name):

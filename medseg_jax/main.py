@@ -54,8 +54,10 @@ flags.DEFINE_enum('mode', 'train',
                    'export'],
                   'What to run.')
 flags.DEFINE_string('split', 'test', 'evaluate: train, val, test or all.')
-flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
-                  'evaluate/predict: which checkpoint to load.')
+flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest', 'best_ema'],
+                  'evaluate/predict: which checkpoint to load (best_ema: '
+                  "the EMA parameters' best, train.ema_decay > 0; its "
+                  'reports go to eval/best_ema/).')
 flags.DEFINE_integer('step', None, 'evaluate/predict: load this step.')
 flags.DEFINE_string('input', None, 'predict: an image, a NIfTI file, a DICOM '
                     'series folder, or a folder of those.')

@@ -192,12 +192,17 @@ def test_a_model_without_batch_norm_loads_and_matches(run3d):
       str(run3d / 'checkpoints' / 'best' / str(step) / 'state'), ('params',))
 
 
+@pytest.mark.parametrize('kind', ['best', 'best_ema'])
 def test_best_checkpoint_of_another_model_is_refused_before_training(
-    finished, tmp_path):
+    finished, tmp_path, kind):
   # config.json says the new model (as if it had been rewritten), but best/
-  # holds the old one: the shapes tell, and nothing is trained or written.
+  # (or the EMA's best_ema/) holds the old one: the shapes tell, and nothing
+  # is trained or written.
   workdir = _copy(finished, tmp_path)
   shutil.rmtree(workdir / 'checkpoints' / 'latest')
+  if kind == 'best_ema':
+    os.rename(workdir / 'checkpoints' / 'best',
+              workdir / 'checkpoints' / 'best_ema')
   other = conftest.tiny_config(model__features=(4, 8, 32), **RUN)
   os.remove(workdir / 'config.json')
   workdir_lib.write_config(str(workdir), other)
@@ -205,7 +210,7 @@ def test_best_checkpoint_of_another_model_is_refused_before_training(
   with pytest.raises(checkpoint_lib.CheckpointMismatchError) as info:
     train.train_and_evaluate(other, str(workdir))
   message = str(info.value)
-  assert os.path.join('best', '6', 'state') in message
+  assert os.path.join(kind, '6', 'state') in message
   assert 'another model' in message and 'damaged' not in message
   assert _tree_hash(workdir) == before
 

@@ -2,6 +2,9 @@
 early stopping, EMA checkpoints and gradient accumulation in one tiny run,
 interrupted and resumed; a stopped run started again reports, not trains."""
 
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -51,6 +54,12 @@ def test_plateau_and_early_stopping_resume_exactly_and_stop_once(
   # EMA parameters: evaluated at each evaluation, their best kept apart.
   assert [r['step'] for r in _records(straight, 'val_ema')] == [4, 8, 12]
   assert checkpoint.load_state_arrays(straight, 'best_ema')[1] == 4
+  # ... and evaluated from the command line, beside the raw parameters'.
+  conftest.run_main_mode(straight, 'evaluate', '--checkpoint=best_ema')
+  with open(os.path.join(straight, 'eval', 'best_ema', 'test',
+                         'summary.json')) as f:
+    assert json.load(f)['step'] == 4
+  assert not os.path.exists(os.path.join(straight, 'eval', 'test'))
 
   # Plateau (patience 1): no improvement at 8 -> scale 0.1 from step 9 on.
   lrs = {r['step']: r['lr'] for r in _records(straight, 'train')}
