@@ -98,7 +98,7 @@ def create_optimizer(optim_cfg, schedule: optax.Schedule, ema_decay: float = 0.0
         schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=weight_decay,
         mask=_decay_mask))
   tx = optax.chain(*chain)
-  if optim_cfg.get('plateau_patience', 0) > 0:
+  if optim_cfg.plateau_patience > 0:
     tx = _with_plateau(tx, optim_cfg.plateau_factor,
                        optim_cfg.plateau_patience)
   if ema_decay > 0:

@@ -119,7 +119,7 @@ def make_eval_step(model, num_classes: int, threshold: float = 0.5):
   Returns:
     `eval_step(state, batch) -> sums`: `metrics.case_metric_sums` of the
     batch's confusion counts, padding cases (`valid == 0`) left out. The sums
-    add up over batches and devices; `summarize_eval_sums` turns their total
+    add up over batches and devices; `metrics.summarize_sums` turns their total
     into the reported metrics. A case with a label out of range gets NaN
     counts, which make the reported means NaN, never a perfect score.
   """
@@ -133,13 +133,3 @@ def make_eval_step(model, num_classes: int, threshold: float = 0.5):
     return metrics.case_metric_sums(counts, batch['valid'])
 
   return eval_step
-
-
-def summarize_eval_sums(sums) -> dict[str, float]:
-  """Turns summed `eval_step` outputs (host NumPy) into the reported metrics.
-
-  The project's one reducer, `metrics.summarize_sums` (see there): per
-  metric in `metrics.CASE_METRICS` the mean over cases, `_std` and
-  `_global`, plus 'num_cases'.
-  """
-  return metrics.summarize_sums(sums)

@@ -21,6 +21,7 @@ import tqdm
 from medseg_jax import checkpoint as checkpoint_lib
 from medseg_jax import config_checks
 from medseg_jax import config_lib
+from medseg_jax import metrics
 from medseg_jax import models
 from medseg_jax import optim
 from medseg_jax import parallel
@@ -136,7 +137,7 @@ def evaluate(eval_step, state, data, config, split: str, mesh) -> dict:
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   finally:
     iterator.close()  # Stops worker processes and frees their shared memory.
-  return steps.summarize_eval_sums(_host(totals))
+  return metrics.summarize_sums(_host(totals))
 
 
 @contextlib.contextmanager
@@ -238,7 +239,7 @@ def _train_locked(config, workdir: str) -> dict:
   # Recipe, data set and mesh: every problem with them (the data set's files
   # too, all listed at once) is reported before anything is written.
   workdir_lib.check_recipe(workdir, config)
-  if config.data.get('check', True):
+  if config.data.check:
     check.assert_dataset_ok(config.data)
   data = pipeline.build_splits(config.data)
   sched = training_schedule(config, data.size('train'))
@@ -248,13 +249,13 @@ def _train_locked(config, workdir: str) -> dict:
                             'config.train.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh,
                             'config.eval.batch_size')
-  accum = config.train.get('grad_accum_steps', 1)
+  accum = config.train.grad_accum_steps
   if accum > 1:
     parallel.check_batch_size(
         config.train.batch_size // accum, mesh,
         'config.train.batch_size / config.train.grad_accum_steps')
-  ema_decay = config.train.get('ema_decay', 0.0)
-  plateau_on = config.optim.get('plateau_patience', 0) > 0
+  ema_decay = config.train.ema_decay
+  plateau_on = config.optim.plateau_patience > 0
 
   # Input. Grain's worker processes read Grain's absl flags, which main's
   # app.run parses; callers outside app.run (notebooks, tests) have none.
@@ -295,13 +296,13 @@ def _train_locked(config, workdir: str) -> dict:
     start_step = 0
   tb = tensorboard_lib.TensorBoardWriter(
       workdir, start_step,
-      enabled=is_main and config.train.get('tensorboard', True))
+      enabled=is_main and config.train.tensorboard)
   log = workdir_lib.MetricsLog(workdir, enabled=is_main, tensorboard=tb)
   log.start(start_step)
   best_dice = ckpt.best_metric(is_main=is_main)
   best_ema_dice = (ckpt.best_metric(is_main=is_main, kind='best_ema')
                    if ema_decay > 0 else None)
-  early = _EarlyStopping(config.train.get('early_stopping_patience', 0),
+  early = _EarlyStopping(config.train.early_stopping_patience,
                          sched['eval_every'], start_step, ckpt.best_step())
 
   # Steps, jitted once; the state is donated so it is updated in place.

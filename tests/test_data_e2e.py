@@ -356,15 +356,20 @@ def test_msd_nifti_trains_in_3d(tmp_path):
   assert tree_digest(root) == before
 
 
+def slice_run_settings(root: str) -> dict:
+  """run_main settings of a tiny 2D run on axial slices (one neighbour each
+  side, 2 channels x 3 slices) of the make_msd volumes in `root`."""
+  return dict(TINY_2D, config_arg='configs/unet.py:cpu', data__source='nifti',
+              data__root=root, data__volume_mode='2d', data__slice_context=1,
+              data__num_classes=3, data__in_channels=2 * 3,
+              data__mean=(0.0,), data__std=(1.0,),
+              data__image_size=NIFTI_DHW[1])
+
+
 def test_msd_nifti_trains_on_2d_slices_with_context(tmp_path):
   root = make_msd(str(tmp_path / 'Task99_Tiny'))
   workdir = tmp_path / 'run'
-  conftest.run_main(workdir, config_arg='configs/unet.py:cpu',
-                    data__source='nifti', data__root=root,
-                    data__volume_mode='2d', data__slice_context=1,
-                    data__num_classes=3, data__in_channels=2 * 3,
-                    data__mean=(0.0,), data__std=(1.0,),
-                    **dict(TINY_2D, data__image_size=NIFTI_DHW[1]))
+  conftest.run_main(workdir, **slice_run_settings(root))
   _, val = assert_trained(workdir)
   assert val['num_cases'] == NIFTI_DHW[0]  # The val case's axial slices.
   # Evaluated per volume: the test case's slices predicted and restacked.

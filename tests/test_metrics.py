@@ -205,16 +205,16 @@ def test_eval_step_stray_label_gives_nan_not_a_perfect_score():
   step = steps.make_eval_step(model, num_classes=1)
   eval_step = jax.jit(lambda batch: step(state, batch))
   good = {'image': image, 'label': labels, 'valid': np.array([1, 1])}
-  assert steps.summarize_eval_sums(
+  assert metrics.summarize_sums(
       jax.device_get(eval_step(good)))['dice'] == 1.0
   stray = labels.copy()
   stray[1, 0, 0] = 2
   bad = dict(good, label=stray)
-  out = steps.summarize_eval_sums(jax.device_get(eval_step(bad)))
+  out = metrics.summarize_sums(jax.device_get(eval_step(bad)))
   assert np.isnan(out['dice']) and np.isnan(out['dice_global'])
   # The same stray label in a padding case is ignored.
   padded = dict(bad, valid=np.array([1, 0]))
-  out = steps.summarize_eval_sums(jax.device_get(eval_step(padded)))
+  out = metrics.summarize_sums(jax.device_get(eval_step(padded)))
   assert out['dice'] == 1.0 and out['num_cases'] == 1
 
 

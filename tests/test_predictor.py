@@ -32,13 +32,7 @@ def slice_run(tmp_path_factory):
   """A 2D run on axial slices (one neighbour each side) of NIfTI volumes."""
   root = test_data_e2e.make_msd(str(tmp_path_factory.mktemp('msd') / 'Task'))
   workdir = tmp_path_factory.mktemp('slice_run')
-  conftest.run_main(workdir, config_arg='configs/unet.py:cpu',
-                    data__source='nifti', data__root=root,
-                    data__volume_mode='2d', data__slice_context=1,
-                    data__num_classes=3, data__in_channels=2 * 3,
-                    data__mean=(0.0,), data__std=(1.0,),
-                    **dict(test_data_e2e.TINY_2D,
-                           data__image_size=test_data_e2e.NIFTI_DHW[1]))
+  conftest.run_main(workdir, **test_data_e2e.slice_run_settings(root))
   return workdir, root
 
 
