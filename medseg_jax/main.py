@@ -194,11 +194,12 @@ def _train() -> None:
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     workdir = os.path.abspath(FLAGS.workdir)
+    outputs = 'config.json, metrics.jsonl, checkpoints/' + (
+        ', tensorboard/' if FLAGS.config.train.tensorboard else '')
     print(f'Done. Validation Dice {result["dice"]:.4f} (best '
           f'{result["best_dice"]:.4f}), IoU {result["iou"]:.4f}, '
           f'sensitivity {result["sensitivity"]:.4f}, specificity '
-          f'{result["specificity"]:.4f}.\nResults in {workdir}: '
-          'config.json, metrics.jsonl, checkpoints/{latest,best}/.\n'
+          f'{result["specificity"]:.4f}.\nResults in {workdir}: {outputs}.\n'
           f'Next: python -m medseg_jax.main --mode=evaluate --workdir={workdir}')
 
 
