@@ -31,7 +31,9 @@ import numpy as np
 from medseg_jax import config_lib
 from medseg_jax import inference
 from medseg_jax import postprocess
+from medseg_jax import register_cases
 from medseg_jax import run_loader
+from medseg_jax.data import dicom_series
 from medseg_jax.data import image_io
 from medseg_jax.data import preprocess
 from medseg_jax.data import transforms as transforms_lib
@@ -225,6 +227,8 @@ class Predictor:
             f'target_spacing={target}: pass the spacing (D, H, W) in mm of '
             'the volume.')
       spacing = (1.0,) * 3
+    image = register_cases.align_channels(  # register_to, as in training.
+        image.astype(np.float32), spacing, self.config.data.preprocess)
     prepared, _, _ = preprocess.preprocess_case(
         image.astype(np.float32), None, spacing, self.config.data.preprocess)
     return prepared
@@ -355,6 +359,8 @@ class Predictor:
       return InputCase(path, 'image', image_io.read_image(path))
     volume = volume_io.read_volume(path)
     array = volume.array if volume.array.ndim == 4 else volume.array[..., None]
+    if preprocess.options(self.config.data.preprocess)['intensity'] == 'suv':
+      array = array * dicom_series.suv_factors([path], array.shape[-1])
     return InputCase(path, 'volume', array.astype(np.float32),
                      tuple(volume.spacing), volume)
 

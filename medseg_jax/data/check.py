@@ -6,8 +6,12 @@ missing masks (and masks without an image), broken links, a mask whose size
 differs from its image, mask values outside the label set, unreadable or
 corrupt files, channel counts that do not match `config.data.in_channels`,
 an empty data set, a split left empty by too few patients, and class names
-that contradict the data set's. It only reads: nothing is written anywhere,
-least of all in the data folder.
+that contradict the data set's. DICOM series (`dicom_series`) add: a folder
+mixing several series (each SeriesInstanceUID named), missing slices (a gap
+that is a multiple of the slice step), inconsistent slice or pixel spacing,
+and, with `preprocess.intensity='suv'`, PET series whose SUV tags are
+missing (named). It only reads: nothing is written anywhere, least of all
+in the data folder.
 
 Before training, `assert_dataset_ok` skips the check of a data set that
 passed it before with the same files (paths, sizes, mtimes) and the same

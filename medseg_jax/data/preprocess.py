@@ -17,7 +17,17 @@ Intensity modes (`config.data.preprocess.intensity`), all per channel:
   'ct'          clip to `ct_window` (HU), then map the window linearly to
                 [-1, 1]: (x - centre) / half_width. One fixed scale for every
                 case, as CT intensities are calibrated.
+  'suv'         PET in standardised uptake values (body weight): the
+                reader multiplied each DICOM PET series by its
+                `dicom_series.suv_factor` (from the tags); values are kept
+                as they are, a calibrated scale like HU.
   'none'        unchanged (as float32).
+
+Registration (`register_to` = a channel index, -1 off): every other channel
+is registered to that one (`register_kind`, `register_metric`) by
+`medseg_jax.register_cases`, which computes the transforms with JAX; data
+code only applies them (`apply_channel_transforms`, SciPy), before the
+intensities are normalised.
 
 Resampling (`target_spacing`, (D, H, W) mm; () keeps the native spacing; an
 entry <= 0 keeps that axis): the new shape is `resampled_shape`, i.e.
@@ -31,10 +41,14 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-INTENSITY_MODES = ('zscore', 'percentile', 'ct', 'none')
+INTENSITY_MODES = ('zscore', 'percentile', 'ct', 'suv', 'none')
+# `registration.KINDS` / `METRICS`, repeated: data code imports no JAX.
+REGISTER_KINDS = ('rigid', 'affine')
+REGISTER_METRICS = ('mattes_mi', 'ncc')
 DEFAULTS = dict(intensity='zscore', zscore_foreground=False,
                 ct_window=(-1000.0, 1000.0), clip_percentiles=(0.5, 99.5),
-                target_spacing=(), resample_order=1)
+                target_spacing=(), resample_order=1, register_to=-1,
+                register_kind='rigid', register_metric='mattes_mi')
 _MIN_STD = 1e-8
 
 
@@ -75,7 +89,52 @@ def options(preprocess_cfg) -> dict:
                      'spline order 0..5 (1 linear, 3 cubic).')
   cfg['resample_order'] = int(cfg['resample_order'])
   cfg['zscore_foreground'] = bool(cfg['zscore_foreground'])
+  if int(cfg['register_to']) < -1:
+    raise ValueError(f'{key}.register_to={cfg["register_to"]} must be a '
+                     'channel index (0, 1, ...) or -1 (no registration).')
+  cfg['register_to'] = int(cfg['register_to'])
+  for name, allowed in (('register_kind', REGISTER_KINDS),
+                        ('register_metric', REGISTER_METRICS)):
+    if cfg[name] not in allowed:
+      raise ValueError(f'{key}.{name}={cfg[name]!r} is not one of {allowed}.')
   return cfg
+
+
+def apply_channel_transforms(image: np.ndarray, spacing: Sequence[float],
+                             matrices) -> np.ndarray:
+  """Resamples channels of `[*spatial, C]` by their registration transforms.
+
+  Args:
+    image: `[*spatial, C]`.
+    spacing: its voxel size per spatial axis (mm).
+    matrices: one entry per channel: None (kept, e.g. the reference) or a
+      homogeneous matrix mapping reference physical coordinates (index x
+      spacing, array-axis order) to that channel's (`registration.register`'s
+      `.matrix`).
+
+  Returns:
+    float32 `[*spatial, C]`: channel c sampled (linear) at matrix_c @ x for
+    every voxel x; points outside the volume take the channel's minimum (its
+    background: 0 in skull-stripped MRI, air in CT).
+  """
+  image = np.asarray(image, np.float32)
+  ndim = image.ndim - 1
+  if len(matrices) != image.shape[-1]:
+    raise ValueError(f'{len(matrices)} registration transform(s) for an image '
+                     f'of {image.shape[-1]} channel(s).')
+  s = np.asarray(spacing, np.float64)
+  out = image.copy()
+  for c, matrix in enumerate(matrices):
+    if matrix is None:
+      continue
+    matrix = np.asarray(matrix, np.float64)
+    # Index space: i_moving = S^-1 (A (S i_fixed) + t).
+    linear = matrix[:ndim, :ndim] * s[None, :] / s[:, None]
+    channel = image[..., c]
+    out[..., c] = ndimage.affine_transform(
+        channel, linear, offset=matrix[:ndim, ndim] / s, order=1,
+        mode='constant', cval=float(channel.min()), output=np.float32)
+  return out
 
 
 def foreground_mask(image: np.ndarray) -> np.ndarray:
@@ -149,7 +208,7 @@ def ct_window(image: np.ndarray, window: Sequence[float]) -> np.ndarray:
 def normalize_intensity(image: np.ndarray, cfg: dict) -> np.ndarray:
   """Applies the intensity mode of `cfg` (see `options`) to `[D, H, W, C]`."""
   mode = cfg['intensity']
-  if mode == 'none':
+  if mode in ('none', 'suv'):  # SUV: converted when read (module docstring).
     return np.asarray(image, np.float32)
   if mode == 'ct':
     return ct_window(image, cfg['ct_window'])

@@ -9,14 +9,18 @@ Axis convention (used by every volume in medseg_jax): arrays are
   the NIfTI affine, i.e. it maps nibabel's `(i, j, k)` = our `(w, h, d)` to
   RAS+ millimetres; `write_nifti_like` transposes back, so a written mask has
   exactly the input's shape, affine and voxel sizes.
-* DICOM: slices are sorted along the slice normal and stacked as
-  `[slice, row, column]` = `(D, H, W)`. The affine is that of SimpleITK's
-  DICOM reader (index x = column, y = row, z = slice; origin = the first
-  slice's ImagePositionPatient; direction = row and column cosines and the
-  slice step) converted from DICOM's LPS to NIfTI's RAS+ by negating x and y,
-  i.e. nibabel index `(i, j, k)` = (column, row, slice). dcm2niix describes
-  the same world points (it may store the rows flipped, with an affine to
-  match). `write_nifti_like` hence writes a NIfTI for a DICOM input.
+* DICOM (read and checked by `dicom_series`): slices are sorted along the
+  slice normal and stacked as `[slice, row, column]` = `(D, H, W)`. The
+  affine is that of SimpleITK's DICOM reader (index x = column, y = row,
+  z = slice; origin = the first slice's ImagePositionPatient; direction =
+  row and column cosines and the slice step) converted from DICOM's LPS to
+  NIfTI's RAS+ by negating x and y, i.e. nibabel index `(i, j, k)` =
+  (column, row, slice). dcm2niix describes the same world points (it may
+  store the rows flipped, with an affine to match). `write_nifti_like`
+  hence writes a NIfTI for a DICOM input.
+
+A case's mask is a NIfTI file, or for a DICOM series a folder of one PNG
+per slice named like the slice's file (`read_label_volume`).
 
 A volume's intensities are returned as stored (NIfTI scaling and DICOM
 RescaleSlope/Intercept applied): float32 for images, integers for labels
@@ -29,15 +33,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import pydicom
-from pydicom import errors as dicom_errors
 
+from medseg_jax.data import dicom_series
+from medseg_jax.data import image_io
 # Re-exported: callers catch it as volume_io.FileError.
-from medseg_jax.data.errors import FileError  # pylint: disable=unused-import
+from medseg_jax.data.errors import FileError
 
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
-_ORIENTATION_TOL = 1e-4  # Cosines: identical within float32 text rounding.
-_SPACING_RTOL = 0.01  # Slice gaps may differ by 1% (rounding of positions).
 
 
 @dataclasses.dataclass
@@ -50,11 +52,13 @@ class Volume:
     affine: 4x4 NIfTI affine: nibabel voxel index (i, j, k) = (w, h, d) ->
       RAS+ mm.
     header: the nibabel header (NIfTI inputs), None for DICOM.
+    slice_files: a DICOM series' files in slice order (d), else ().
   """
   array: np.ndarray
   spacing: tuple[float, float, float]
   affine: np.ndarray
   header: Any = None
+  slice_files: tuple[str, ...] = ()
 
 
 def is_nifti(path: str) -> bool:
@@ -186,115 +190,13 @@ def write_nifti_like(path: str, array: np.ndarray, reference: Volume) -> None:
 # ----------------------------------------------------------------- DICOM
 
 
-def _dicom_files(directory: str) -> list[str]:
-  """Returns the candidate files of a series folder (hidden files skipped)."""
-  if os.path.isfile(directory):
-    return [directory]
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'{directory}: no such DICOM file or folder.')
-  return [os.path.join(directory, n) for n in sorted(os.listdir(directory))
-          if not n.startswith('.') and n.upper() != 'DICOMDIR'
-          and os.path.isfile(os.path.join(directory, n))]
-
-
-def _read_slices(directory: str) -> list:
-  """Returns the parsed DICOM images of a folder; raises on a bad .dcm file."""
-  slices = []
-  for path in _dicom_files(directory):
-    try:
-      ds = pydicom.dcmread(path)
-    except dicom_errors.InvalidDicomError as e:
-      if path.lower().endswith('.dcm'):
-        raise ValueError(f'{path}: not a readable DICOM file ({e}).') from e
-      continue  # A README or similar beside the series.
-    except Exception as e:  # Truncated files and the like.
-      raise ValueError(f'{path}: not a readable DICOM file ({e}).') from e
-    if 'PixelData' not in ds:
-      continue  # Structured reports, presentation states: no image.
-    ds.filename = path
-    slices.append(ds)
-  if not slices:
-    raise ValueError(f'{directory}: no DICOM image found.')
-  return slices
-
-
-def _same(slices, key, directory, what):
-  """Returns the single value of `key` over `slices`, or raises naming both."""
-  values = {str(getattr(ds, key, None)) for ds in slices}
-  if len(values) > 1:
-    raise ValueError(
-        f'{directory}: the files mix {len(values)} different {what} '
-        f'({key}: {sorted(values)[:3]}...); put each series in its own '
-        'folder.')
-  return getattr(slices[0], key, None)
-
-
-def _orientation(slices, directory) -> np.ndarray:
-  """Returns [row direction, column direction, normal] (3x3, LPS) or raises."""
-  iops = np.array([[float(v) for v in ds.ImageOrientationPatient]
-                   for ds in slices])
-  if np.abs(iops - iops[0]).max() > _ORIENTATION_TOL:
-    raise ValueError(f'{directory}: slices have different '
-                     'ImageOrientationPatient values (mixed series?).')
-  row, col = iops[0, :3], iops[0, 3:]
-  return np.stack([row, col, np.cross(row, col)])
-
-
-def _sorted_slices(slices, normal, directory):
-  """Returns (slices sorted along the normal, their positions along it)."""
-  if all('ImagePositionPatient' in ds for ds in slices):
-    pos = np.array([np.dot([float(v) for v in ds.ImagePositionPatient],
-                           normal) for ds in slices])
-    order = np.argsort(pos, kind='stable')
-    pos = pos[order]
-    if len(pos) > 1 and np.min(np.diff(pos)) < 1e-4:
-      raise ValueError(
-          f'{directory}: two slices share a position along the slice normal; '
-          'the folder mixes time points, echoes or series. Put each 3D series '
-          'in its own folder.')
-    return [slices[i] for i in order], pos
-  numbers = [int(getattr(ds, 'InstanceNumber', 0) or 0) for ds in slices]
-  order = np.argsort(numbers, kind='stable')
-  return [slices[i] for i in order], None
-
-
-def _slice_step(slices, positions, directory) -> float:
-  """Returns the distance between slices in mm (uniform, or raises)."""
-  if positions is not None and len(positions) > 1:
-    gaps = np.diff(positions)
-    step = float(np.median(gaps))
-    if np.abs(gaps - step).max() > _SPACING_RTOL * step + 1e-3:
-      raise ValueError(
-          f'{directory}: slice gaps are not uniform (from {gaps.min():.4g} to '
-          f'{gaps.max():.4g} mm): missing slices or a mixed series.')
-    return step
-  ds = slices[0]
-  return float(getattr(ds, 'SpacingBetweenSlices', None) or
-               getattr(ds, 'SliceThickness', None) or 1.0)
-
-
-def _pixels(ds) -> np.ndarray:
-  """Returns one slice as float32 [rows, columns], rescale applied."""
-  if int(getattr(ds, 'NumberOfFrames', 1) or 1) > 1:
-    raise ValueError(f'{ds.filename}: multi-frame DICOM is not supported; '
-                     'convert it with dcm2niix and use the NIfTI file.')
-  if int(getattr(ds, 'SamplesPerPixel', 1)) != 1:
-    raise ValueError(f'{ds.filename}: colour DICOM images are not volumes.')
-  slope = float(getattr(ds, 'RescaleSlope', 1.0) or 1.0)
-  intercept = float(getattr(ds, 'RescaleIntercept', 0.0) or 0.0)
-  try:
-    pixels = ds.pixel_array.astype(np.float32)
-  except Exception as e:  # Compressed syntax without a decoder, bad data.
-    raise ValueError(f'{ds.filename}: cannot decode the pixels ({e}).') from e
-  return pixels * np.float32(slope) + np.float32(intercept)
-
-
 def read_dicom_series(directory: str) -> Volume:
   """Reads one DICOM series (a folder of single-frame slices) as a volume.
 
   Slices are sorted by ImagePositionPatient projected on the slice normal
   (row x column direction of ImageOrientationPatient), or by InstanceNumber
-  when positions are missing. RescaleSlope/Intercept are applied (CT in HU).
+  when positions are missing; every check is `dicom_series.geometry`'s.
+  RescaleSlope/Intercept are applied (CT in HU).
 
   Args:
     directory: the series folder (or a single DICOM file). Files that are
@@ -305,44 +207,24 @@ def read_dicom_series(directory: str) -> Volume:
     PixelSpacing[0] between rows, PixelSpacing[1] between columns); the RAS+
     NIfTI affine (module docstring): voxel (d, h, w) is at LPS point
     IPP_d + h * PixelSpacing[0] * column cosines + w * PixelSpacing[1] * row
-    cosines, with x and y negated; header None.
+    cosines, with x and y negated; header None; `slice_files` the sorted
+    slice files.
 
   Raises:
-    ValueError: unreadable file, several series, inconsistent slice sizes or
-      orientations, duplicate or non-uniform slice positions.
+    FileError (a ValueError): unreadable file, several series, inconsistent
+      slice sizes, spacings or orientations, duplicate, missing or
+      non-uniform slice positions.
   """
-  slices = _read_slices(directory)
-  _same(slices, 'SeriesInstanceUID', directory, 'series')
-  sizes = {(int(ds.Rows), int(ds.Columns)) for ds in slices}
-  if len(sizes) > 1:
-    raise ValueError(f'{directory}: slices have different sizes '
-                     f'(rows, columns) {sorted(sizes)}; mixed series?')
-  _same(slices, 'PixelSpacing', directory, 'pixel spacings')
-  if 'ImageOrientationPatient' in slices[0]:
-    axes = _orientation(slices, directory)
-  else:
-    axes = np.eye(3)
-  slices, positions = _sorted_slices(slices, axes[2], directory)
-  step = _slice_step(slices, positions, directory)
-  row_gap, col_gap = (float(v) for v in getattr(slices[0], 'PixelSpacing',
-                                                (1.0, 1.0)))
-  origin = np.array([float(v) for v in getattr(
-      slices[0], 'ImagePositionPatient', (0.0, 0.0, 0.0))])
-  if positions is not None and len(slices) > 1:
-    last = np.array([float(v) for v in slices[-1].ImagePositionPatient])
-    slice_vector = (last - origin) / (len(slices) - 1)
-  else:
-    slice_vector = axes[2] * step
-  # Columns of the LPS affine for nibabel's (i, j, k) = (column, row, slice).
-  lps = np.eye(4)
-  lps[:3, 0] = axes[0] * col_gap
-  lps[:3, 1] = axes[1] * row_gap
-  lps[:3, 2] = slice_vector
-  lps[:3, 3] = origin
-  affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS.
-  array = np.stack([_pixels(ds) for ds in slices])
-  return Volume(array=array, spacing=(abs(step), row_gap, col_gap),
-                affine=affine, header=None)
+  array, geo = dicom_series.read_series(directory)
+  return Volume(array=array, spacing=geo.spacing, affine=geo.affine,
+                header=None, slice_files=geo.files)
+
+
+def is_volume_path(path: str) -> bool:
+  """Whether `path` names a NIfTI file, a .dcm file or a (DICOM) folder."""
+  path = os.fspath(path)
+  return is_nifti(path) or os.path.isdir(path) or path.lower().endswith(
+      '.dcm')
 
 
 def read_volume(path: str) -> Volume:
@@ -356,5 +238,81 @@ def read_volume(path: str) -> Volume:
     return read_nifti(path)
   if os.path.isdir(path) or path.lower().endswith('.dcm'):
     return read_dicom_series(path)
-  raise ValueError(f'{path}: not a volume; expected a .nii/.nii.gz file or a '
-                   'folder holding one DICOM series.')
+  raise FileError(path, 'not a volume; expected a .nii/.nii.gz file or a '
+                  'folder holding one DICOM series.')
+
+
+def read_volume_header(path: str):
+  """Returns ((D, H, W), spacing, channels, affine) without decoding voxels.
+
+  A NIfTI file's header, or a DICOM series' tags (`dicom_series`).
+  """
+  if is_nifti(path):
+    return read_nifti_header(path)
+  geo = dicom_series.read_geometry(os.fspath(path))
+  return geo.shape, geo.spacing, 1, geo.affine
+
+
+def volume_files(path: str) -> list[str]:
+  """Returns the files a volume is read from (a folder: the files in it)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    return [path]
+  return dicom_series.series_files(path)
+
+
+def read_png_slices(folder: str, reference: Volume) -> np.ndarray:
+  """Reads a mask given as one PNG per slice of a DICOM series.
+
+  Slice d's mask is `<folder>/<name of slice d's DICOM file without its
+  extension>.png` (e.g. IM0007.dcm -> IM0007.png), so the order comes from
+  the series' positions, never from the PNG names.
+
+  Args:
+    folder: the folder of PNG files.
+    reference: the DICOM series Volume (its `slice_files`).
+
+  Returns:
+    The raw mask values `[D, H, W]` (`image_io.read_mask` per slice).
+
+  Raises:
+    FileError: the image is not a DICOM series, a PNG is missing (the first
+      names are listed), or a PNG's size differs from the slices'.
+  """
+  if not reference.slice_files:
+    raise FileError(folder, 'a folder of PNG masks goes with a DICOM series '
+                    'image (one PNG per slice, named like its .dcm file); '
+                    'for a NIfTI image give the mask as a NIfTI file.')
+  stems = [os.path.splitext(os.path.basename(f))[0]
+           for f in reference.slice_files]
+  paths = [os.path.join(folder, s + '.png') for s in stems]
+  missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileError(folder, f'{len(missing)} of {len(paths)} slice mask(s) '
+                    f'missing, e.g. {", ".join(missing[:3])}: each DICOM '
+                    'slice <name>.dcm needs <name>.png.')
+  slices = [image_io.read_mask(p) for p in paths]
+  want = tuple(reference.array.shape[1:3])
+  for path, mask in zip(paths, slices):
+    if mask.shape != want:
+      raise FileError(path, f'mask of size {mask.shape} but the DICOM slices '
+                      f'are (rows, columns) {want}.')
+  return np.stack(slices)
+
+
+def read_label_volume(path: str, reference: Volume) -> Volume:
+  """Reads the mask of a case whose image is `reference`.
+
+  Args:
+    path: a NIfTI file, or a folder of PNG slices (`read_png_slices`).
+    reference: the case's (first) image volume.
+
+  Returns:
+    The mask Volume (a PNG folder takes the reference's geometry).
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    array = read_png_slices(path, reference)
+    return Volume(array=array, spacing=reference.spacing,
+                  affine=reference.affine, header=None)
+  return read_volume(path)

@@ -21,8 +21,16 @@ every case. Records follow the shared data contract: `image` float32
 `[D, H, W, C]` after `preprocess.preprocess_case`, `mask` uint8 `[D, H, W]`,
 `spacing` after resampling (D, H, W order of `volume_io`).
 
+An MSD `training` entry's image may be a DICOM series folder (CT, MR or
+PET; `dicom_series`), its label a NIfTI file or a folder of one PNG per
+slice (`volume_io.read_png_slices`). With `preprocess.intensity='suv'`
+every image is a PET series converted to SUV with its tags.
+
 Decoded, preprocessed cases are cached as `config.data.cache` says
-(`cache.CaseCache`). Nothing is ever written under `root`.
+(`cache.CaseCache`). Nothing is ever written under `root`. With
+`preprocess.register_to`, `medseg_jax.register_cases` computes each case's
+channel transforms (JAX) and hands them to `set_registration`; decoding
+applies them (SciPy) and the cache key includes them.
 `find_problems(config.data)` is the data-set check of this source.
 
 2D mode (`config.data.volume_mode='2d'`): `SliceSource` yields one record per
@@ -39,6 +47,7 @@ import os
 import numpy as np
 
 from medseg_jax.data import cache as cache_lib
+from medseg_jax.data import dicom_series
 from medseg_jax.data import nifti_layout
 from medseg_jax.data import patches
 from medseg_jax.data import preprocess
@@ -103,6 +112,7 @@ class NiftiSource:
                               for c in self._case_ids)
     self._cache = cache_lib.CaseCache(cache, cache_dir, self.root,
                                       cache_memory_mb, kind='nifti')
+    self._registration = None  # Per case: a matrix (or None) per channel.
 
   def __len__(self) -> int:
     return len(self.cases)
@@ -126,16 +136,54 @@ class NiftiSource:
     case = self.cases[index]
     options = [self.options, self.num_classes,
                [float(v) for v in self.label_values]]
+    matrices = self._case_registration(index)
+    if matrices is not None:
+      options.append([None if m is None else np.asarray(m).tolist()
+                      for m in matrices])
+    files = [f for path in (*case.images, case.label)
+             for f in volume_io.volume_files(path)]
     image, mask, spacing = self._cache.get_or_compute(
-        index, case.case_id,
-        lambda: cache_lib.files_key((*case.images, case.label), options),
-        lambda: self._decode(case))
+        index, case.case_id, lambda: cache_lib.files_key(files, options),
+        lambda: self._decode(case, matrices))
     return image, mask, tuple(spacing.tolist())
 
-  def _decode(self, case: Case) -> tuple:
+  def set_registration(self, matrices) -> None:
+    """Sets each case's channel transforms (`register_cases.attach`).
+
+    Args:
+      matrices: one list per case of one entry per channel: None, or the
+        homogeneous matrix mapping register_to-channel physical coordinates
+        to that channel's (see `preprocess.apply_channel_transforms`).
+    """
+    if len(matrices) != len(self.cases):
+      raise ValueError(f'{len(matrices)} registrations for {len(self)} cases.')
+    self._registration = list(matrices)
+
+  def _case_registration(self, index: int):
+    """The channel transforms of case `index`, None without registration."""
+    if self.options['register_to'] < 0:
+      return None
+    if self._registration is None:
+      raise ValueError(
+          'config.data.preprocess.register_to='
+          f'{self.options["register_to"]}, but no registration was computed '
+          'for this source: call medseg_jax.register_cases.attach(source, '
+          'config.data) after building it.')
+    return self._registration[index]
+
+  def read_raw(self, index: int) -> tuple[np.ndarray, tuple]:
+    """Returns case `index`'s image `[D, H, W, C]` as stored, and spacing."""
+    image, _, spacing = read_case_arrays(self.cases[index])
+    return image, tuple(float(s) for s in spacing)
+
+  def _decode(self, case: Case, matrices=None) -> tuple:
     """Reads and preprocesses a case: (image, mask, spacing as an array)."""
     image, raw, spacing = read_case_arrays(case)
     mask = to_class_map(raw, self.num_classes, self.label_values, case.label)
+    if self.options['intensity'] == 'suv':
+      image = image * dicom_series.suv_factors(case.images, image.shape[-1])
+    if matrices is not None:
+      image = preprocess.apply_channel_transforms(image, spacing, matrices)
     try:
       image, mask, spacing = preprocess.preprocess_case(image, mask, spacing,
                                                         self.options)
@@ -159,7 +207,7 @@ class NiftiSource:
     target = self.options['target_spacing']
     out = []
     for case in self.cases:
-      shape, spacing, _, _ = volume_io.read_nifti_header(case.images[0])
+      shape, spacing, _, _ = volume_io.read_volume_header(case.images[0])
       out.append(preprocess.resampled_shape(shape, spacing, target))
     return out
 
@@ -327,7 +375,10 @@ def find_problems(data_cfg) -> list[Problem]:
   if not data_cfg.root:
     return problems
   root = os.path.abspath(data_cfg.root)
-  case_ids = [c.case_id for c in scan_dataset(root).cases]
+  cases = scan_dataset(root).cases
+  case_ids = [c.case_id for c in cases]
+  if preprocess.options(data_cfg.preprocess)['intensity'] == 'suv':
+    problems += dicom_series.suv_problems(cases)
   patients_csv = nifti_options(data_cfg).get('patients_csv')
   mapping = {}
   if patients_csv and case_ids:
