@@ -16,6 +16,11 @@ post-processing as `config.eval` says), and writes under
   distributions.png  metric distributions
   training.png       training loss and validation Dice from metrics.jsonl
   reliability.png    reliability diagram
+  subgroups.csv/.png with eval.subgroups: per-group Dice, gaps, forest plot
+  decision_curve.*   with eval.decision: net benefit, decision_cases.csv,
+  roc_pr.png         case-level ROC/PR of the max foreground probability
+  comparison.md/.png external data only: against the run's internal test
+                     split (clinical.py, external_report.py)
 
 Runs in one process on the first local device. Other data settings (e.g.
 `--config.data.root=/other/site`, with or without `--config`) evaluate on an
@@ -32,9 +37,12 @@ import os
 import numpy as np
 
 from medseg_jax import calibration as calibration_lib
+from medseg_jax import clinical
 from medseg_jax import config_lib
+from medseg_jax import decision_curve
 from medseg_jax import plots
 from medseg_jax import predictor as predictor_lib
+from medseg_jax import register_cases
 from medseg_jax import report
 from medseg_jax import workdir as workdir_lib
 from medseg_jax.data import pipeline
@@ -76,8 +84,8 @@ def predict_split(predictor, data, split: str):
 
 
 # Data settings that change how cases are loaded, not which cases they are.
-_DATA_LOADING_KEYS = ('augment', 'cache', 'cache_dir', 'check', 'worker_count',
-                      'prefetch_buffer_size')
+_DATA_LOADING_KEYS = ('augment', 'augment_on', 'cache', 'cache_dir', 'check',
+                      'worker_count', 'prefetch_buffer_size')
 
 
 def _case_defining_data(data_dict: dict) -> dict:
@@ -147,7 +155,7 @@ def _physical_spacing(config, record):
 
 
 def evaluate_split(predictor, workdir: str, data, split: str,
-                   out_dir: str) -> dict:
+                   out_dir: str, metadata=None) -> dict:
   """Predicts a split and writes its reports and plots into `out_dir`.
 
   Args:
@@ -156,6 +164,8 @@ def evaluate_split(predictor, workdir: str, data, split: str,
     data: the DataSplits (of volumes, for a 2D-slice run).
     split: the split to evaluate.
     out_dir: the folder of the reports (created).
+    metadata: {case_id: {column: value}} for eval.subgroups / eval.decision
+      (`clinical.check_metadata`).
 
   Returns:
     The summary written to summary.json.
@@ -163,6 +173,7 @@ def evaluate_split(predictor, workdir: str, data, split: str,
   config = predictor.config
   num_classes = config.data.num_classes
   rows, calibration, kept = [], calibration_lib.CalibrationAccumulator(), {}
+  max_probs = {}  # Case-level scores from the very predictions scored.
   for record, prediction in predict_split(predictor, data, split):
     case_id = record['case_id']
     rows.extend(report.case_metrics(
@@ -171,9 +182,12 @@ def evaluate_split(predictor, workdir: str, data, split: str,
         class_names=sources.class_names(config.data),
         nsd_tolerance=config.eval.nsd_tolerance_mm or None))
     calibration.add(prediction.probabilities, record['mask'])
+    max_probs[case_id] = decision_curve.max_foreground_probability(
+        prediction.probabilities)
     kept[case_id] = _panel_label(prediction.labels, record['mask'])
   summary = report.summarize(rows)
   summary['calibration'] = calibration.summary()
+  summary.update(clinical.analyses(config, rows, max_probs, metadata or {}))
   settings = workdir_lib.config_as_json_dict(config)
   summary.update(split=split, step=int(predictor.step),
                  workdir=os.path.abspath(workdir),
@@ -181,6 +195,7 @@ def evaluate_split(predictor, workdir: str, data, split: str,
                  ensemble_size=len(predictor.members),
                  config={'data': settings['data'], 'eval': settings['eval']})
   os.makedirs(out_dir, exist_ok=True)
+  clinical.write_reports(summary, out_dir)
   report.write_case_csv(rows, os.path.join(out_dir, 'cases.csv'))
   report.write_summary(
       summary, os.path.join(out_dir, 'summary.json'),
@@ -196,6 +211,13 @@ def evaluate_split(predictor, workdir: str, data, split: str,
   plots.plot_reliability(summary['calibration'],
                          os.path.join(out_dir, 'reliability.png'))
   return summary
+
+
+def _checkpoint_flags(which: str, step, ensemble) -> str:
+  """The command-line flags that pick this evaluation's model."""
+  flags = '' if which == 'best' else f' --checkpoint={which}'
+  flags += '' if step is None else f' --step={step}'
+  return flags + (f' --ensemble={",".join(ensemble)}' if ensemble else '')
 
 
 def evaluate_run(config, workdir: str, split: str = 'test',
@@ -227,8 +249,10 @@ def evaluate_run(config, workdir: str, split: str = 'test',
   predictor = predictor_lib.Predictor.from_workdir(
       workdir, which, step, ensemble, config=config)
   data = pipeline.build_splits(config.data)
+  register_cases.attach(data.source, config.data)  # As in training.
   if config_lib.slice_context(config) is not None:
     data = volume_cases(data)
+  metadata = clinical.check_metadata(config, data.source)  # Before predicting.
   root = eval_root(config, workdir, ensemble)
   if which == 'best_ema':  # Beside, never over, the raw parameters' reports.
     root = os.path.join(root, 'best_ema')
@@ -239,7 +263,12 @@ def evaluate_run(config, workdir: str, split: str = 'test',
       continue
     out_dir = os.path.join(root, name)
     with workdir_lib.acquire_lock(out_dir, f'--mode=evaluate --split={name}'):
-      results[name] = evaluate_split(predictor, workdir, data, name, out_dir)
+      results[name] = evaluate_split(predictor, workdir, data, name, out_dir,
+                                     metadata)
+      comparison = clinical.compare_external(
+          workdir, root, out_dir, _checkpoint_flags(which, step, ensemble))
     print(report.summary_text(results[name]))
+    if comparison:
+      print(comparison)
     print(f'Written to {os.path.abspath(out_dir)}')
   return results

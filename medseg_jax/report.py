@@ -38,12 +38,14 @@ import math
 
 import numpy as np
 
+from medseg_jax import decision_curve
 from medseg_jax import fileio
 # Calibration lives in `calibration`; re-exported for existing callers.
 from medseg_jax.calibration import (  # pylint: disable=unused-import
     CalibrationAccumulator, calibration_summary)
 from medseg_jax import metrics
 from medseg_jax import statistics
+from medseg_jax import subgroups
 
 # Per-case metrics, in CSV and report order; the overlap metrics are the
 # project's one list, metrics.CASE_METRICS.
@@ -416,6 +418,10 @@ def summary_markdown(summary: dict, title: str = 'Evaluation') -> str:
     lines += [f'Expected calibration error: {calibration["ece"]:.4f} '
               f'({calibration["num_bins"]} bins, '
               f'{calibration["num_pixels"]} pixels)', '']
+  if summary.get('subgroups'):  # eval.subgroups (subgroups.py).
+    lines += subgroups.markdown(summary['subgroups'])
+  if summary.get('decision'):  # eval.decision (decision_curve.py).
+    lines += decision_curve.markdown(summary['decision'])
   conventions = summary.get('distance_conventions') or {}
   if conventions:
     lines += ['Distances (' + summary.get('distance_unit', '') + '): ' +
@@ -446,4 +452,8 @@ def summary_text(summary: dict) -> str:
                  f'{_fmt(summary["isic_thresholded_jaccard"], "iou")}')
   if summary.get('calibration'):
     lines.append(f'ECE {summary["calibration"]["ece"]:.4f}')
+  if summary.get('subgroups'):
+    lines.append(subgroups.summary_line(summary['subgroups']))
+  if summary.get('decision'):
+    lines.append(decision_curve.summary_line(summary['decision']))
   return '\n'.join(lines)
