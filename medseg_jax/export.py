@@ -102,8 +102,9 @@ def export_shapes(config, model) -> tuple[tuple, str]:
   if config_lib.patch_size(config):
     dims = [str(s) for s in spatial]  # Sliding windows: always the patch.
   else:
-    divisor = inference.input_divisor(model)
-    dims = [f'{divisor}*s{i}' for i in range(len(spatial))]
+    divisors = inference.per_axis(inference.input_divisor(model),
+                                  len(spatial))
+    dims = [f'{d}*s{i}' for i, d in enumerate(divisors)]
   return ('B', *spatial, channels), ', '.join(['b', *dims, str(channels)])
 
 
@@ -244,7 +245,7 @@ def manifest_of(config, model, step: int, shapes: dict) -> dict:
       'class_names': list(sources.class_names(config.data)),
       'training_size': list(config_lib.spatial_shape(config)),
       'patch_size': list(config_lib.patch_size(config)),
-      'input_divisor': inference.input_divisor(model),
+      'input_divisor': inference.input_divisor(model),  # int, or per axis.
       'sliding_window': config_lib.sliding_window(config),
       'tta': bool(config.eval.tta),
       'postprocess': json.loads(config.eval.postprocess.to_json()),

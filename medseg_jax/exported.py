@@ -88,8 +88,9 @@ class ExportedPredictor(predictor_lib.Predictor):
     self.artefact = artefact
     self.config = config
     # Only the input divisor of the model is needed (whole-image padding).
-    self.model = types.SimpleNamespace(
-        input_divisor=int(manifest['input_divisor']))
+    divisor = manifest['input_divisor']  # Per axis with model.strides.
+    self.model = types.SimpleNamespace(input_divisor=(
+        tuple(divisor) if isinstance(divisor, list) else int(divisor)))
     self.variables = None
     self.members = []
     self.step = int(manifest['checkpoint_step'])

@@ -23,6 +23,7 @@ normalisation) and choosing among these pieces from a run's config is the
 `postprocess`, Grad-CAM in `gradcam`.
 """
 
+import functools
 import itertools
 from typing import Callable, Sequence
 import warnings
@@ -57,28 +58,49 @@ def predictive_entropy(probs):
   return (-plogp.sum(axis=-1)).astype(np.float32)
 
 
-def input_divisor(model) -> int:
+def input_divisor(model) -> int | tuple[int, ...]:
   """Returns the multiple every spatial input size of `model` must be.
 
-  `model.input_divisor` when the model defines it (TransUNet), else
-  2**(len(features) - 1) (U-Net, UNet++), else 1.
+  `model.input_divisor` when the model defines it (U-Net and UNet++: one int
+  with the default strides, a per-axis tuple such as (4, 8, 8) with
+  anisotropic `strides`; TransUNet), else 2**(len(features) - 1), else 1.
   """
   divisor = getattr(model, 'input_divisor', None)
   if divisor is not None:
-    return int(divisor)
+    return (tuple(int(d) for d in divisor)
+            if isinstance(divisor, (tuple, list)) else int(divisor))
   features = getattr(model, 'features', None)
   return 2**(len(features) - 1) if features else 1
+
+
+def per_axis(divisor, ndim: int) -> tuple[int, ...]:
+  """Returns `input_divisor`'s value as one multiple per spatial axis.
+
+  Raises:
+    ValueError: a per-axis divisor of another rank than the input's.
+  """
+  if isinstance(divisor, (tuple, list)):
+    if len(divisor) != ndim:
+      raise ValueError(f'The model downsamples {len(divisor)} axes (input '
+                       f'multiples {tuple(divisor)}), the input has {ndim} '
+                       'spatial axes; check config.model.strides.')
+    return tuple(int(d) for d in divisor)
+  return (int(divisor),) * ndim
 
 
 # --------------------------------------------------------------------------
 # Predict functions.
 
 
+@functools.lru_cache(maxsize=32)
 def _jitted_apply(model, mc_dropout: bool):
   """Returns jit((variables, x, rng) -> probabilities).
 
   Variables are an argument, not a closure constant: the program then does
   not embed the weights, and every checkpoint of an ensemble shares it.
+  Cached per (model, mc_dropout) (Flax modules hash by their fields), so
+  repeated MC-dropout or predict-function builds (the dashboard's) reuse
+  one compilation instead of tracing and compiling again.
   """
 
   def apply(variables, x, rng):
@@ -167,7 +189,7 @@ def _pad_to(image: np.ndarray, target: Sequence[int], mode: str, cval: float):
   return padded, crop
 
 
-def predict_whole(predict_fn: PredictFn, image, divisor: int = 1, *,
+def predict_whole(predict_fn: PredictFn, image, divisor=1, *,
                   pad_mode: str = 'constant', cval: float = 0.0,
                   rng=None) -> np.ndarray:
   """Returns the probabilities `[*spatial, K]` of one whole image.
@@ -178,14 +200,17 @@ def predict_whole(predict_fn: PredictFn, image, divisor: int = 1, *,
   Args:
     predict_fn: see `make_predict_fn`.
     image: `[*spatial, C]`, one case.
-    divisor: the model's total downsampling, `input_divisor(model)`.
+    divisor: the model's total downsampling, `input_divisor(model)`: one
+      int, or one per spatial axis.
     pad_mode: np.pad mode: 'constant' (cval; 0 is the mean of a z-scored
       image) or 'reflect' / 'edge' / 'symmetric'.
     cval: the constant for pad_mode='constant'.
     rng: passed to predict_fn when given (MC dropout).
   """
   image = _check_case(image, None, 'predict_whole')
-  target = [-(-s // divisor) * divisor for s in image.shape[:-1]]
+  spatial = image.shape[:-1]
+  target = [-(-s // d) * d
+            for s, d in zip(spatial, per_axis(divisor, len(spatial)))]
   padded, crop = _pad_to(image, target, pad_mode, cval)
   probs = np.asarray(_call(predict_fn, padded[None], rng), np.float32)[0]
   return probs[crop]
@@ -381,7 +406,7 @@ def _uses_dropout_rng(model, variables, shape) -> bool:
 def mc_dropout_predict(model, variables, image, num_samples: int = 20,
                        rng=None, *, patch_size: Sequence[int] | None = None,
                        overlap: float = 0.5, blend: str = 'gaussian',
-                       batch_size: int = 4, divisor: int | None = None
+                       batch_size: int = 4, divisor=None
                        ) -> dict[str, np.ndarray]:
   """Returns Monte Carlo dropout maps of one case.
 
@@ -420,8 +445,10 @@ def mc_dropout_predict(model, variables, image, num_samples: int = 20,
     raise ValueError(f'mc_dropout_predict needs num_samples >= 2 to measure '
                      f'spread, got {num_samples} (config.eval.mc_samples).')
   divisor = input_divisor(model) if divisor is None else divisor
+  spatial = image.shape[:-1]
   probe = (tuple(patch_size) if patch_size else
-           tuple(-(-s // divisor) * divisor for s in image.shape[:-1]))
+           tuple(-(-s // d) * d
+                 for s, d in zip(spatial, per_axis(divisor, len(spatial)))))
   if not _uses_dropout_rng(model, variables, (1, *probe, image.shape[-1])):
     raise ValueError(
         f'mc_dropout_predict: {type(model).__name__} applies no dropout with '

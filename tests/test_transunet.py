@@ -311,7 +311,10 @@ def test_config_keys_are_module_attributes():
   assert not set(models.TransUNet.CONFIG_KEYS) & shared
   for arg in (None, 'cpu'):
     model_cfg = transunet_config.get_config(arg).model
-    known = {'name', 'dtype', *shared, *models.TransUNet.CONFIG_KEYS}
+    # conv_impl picks XLA's CPU convolution kernel before JAX starts
+    # (models/cpu_conv.py): a process setting, not a module attribute.
+    known = {'name', 'dtype', 'conv_impl', *shared,
+             *models.TransUNet.CONFIG_KEYS}
     assert set(model_cfg.keys()) <= known
 
 

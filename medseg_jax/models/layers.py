@@ -6,6 +6,7 @@ Parameters are float32 (`param_dtype`); computation runs in `dtype`.
 """
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -68,12 +69,76 @@ def check_features(features: Sequence[int]) -> None:
         f'(e.g. (32, 64, 128, 256, 512)); got {tuple(features)}.')
 
 
+def check_strides(strides: Sequence[Sequence[int]], num_levels: int) -> None:
+  """Raises ValueError unless `strides` is () or one stride tuple per level.
+
+  Args:
+    strides: () (2 along every axis at every level), or len(features) - 1
+      tuples of positive ints, all of one rank (2 for 2D, 3 for 3D).
+    num_levels: len(features).
+  """
+  if not strides:
+    return
+  form = (f'{num_levels - 1} per-axis stride tuples, one per downsampling '
+          f'level (e.g. {((1, 2, 2),) + ((2, 2, 2),) * (num_levels - 2)} for '
+          'a volume whose first axis is pooled only from the second level), '
+          'or () for 2 on every axis')
+  rows = [tuple(r) if isinstance(r, (tuple, list)) else (r,) for r in strides]
+  if (len(rows) != num_levels - 1 or len({len(r) for r in rows}) != 1
+      or len(rows[0]) not in (2, 3) or not all(
+          isinstance(s, int) and not isinstance(s, bool) and s >= 1
+          for r in rows for s in r)):
+    raise ValueError(
+        f'config.model.strides={tuple(rows)!r} with features of length '
+        f'{num_levels}: expected {form}.')
+
+
+def level_strides(strides: Sequence[Sequence[int]], num_levels: int,
+                  ndim: int) -> tuple[tuple[int, ...], ...]:
+  """Returns the per-axis stride of each of the num_levels - 1 downsamplings.
+
+  Args:
+    strides: `config.model.strides`; () means 2 along every axis.
+    num_levels: len(features).
+    ndim: spatial dimensions of the input (2 or 3).
+
+  Returns:
+    num_levels - 1 tuples of `ndim` ints, shallowest level first.
+
+  Raises:
+    ValueError: strides of another form or rank than the input's.
+  """
+  if not strides:
+    return ((2,) * ndim,) * (num_levels - 1)
+  check_strides(strides, num_levels)
+  rows = tuple(tuple(int(s) for s in row) for row in strides)
+  if len(rows[0]) != ndim:
+    raise ValueError(
+        f'config.model.strides={rows} has {len(rows[0])} axes per level, '
+        f'the input has {ndim} spatial axes: give {ndim} strides per level.')
+  return rows
+
+
+def total_stride(strides: Sequence[Sequence[int]], num_levels: int,
+                 ndim: int) -> tuple[int, ...]:
+  """Returns the model's total downsampling per axis (product of the strides).
+
+  Every spatial input size must be a multiple of it: e.g. (4, 8, 8) for
+  strides ((1, 2, 2), (2, 2, 2), (2, 2, 2)); (8, 8) for () with 4 levels.
+  """
+  total = [1] * ndim
+  for row in level_strides(strides, num_levels, ndim):
+    total = [t * s for t, s in zip(total, row)]
+  return tuple(total)
+
+
 def _nearest_multiples(size: int, factor: int) -> list[int]:
   lower = (size // factor) * factor
   return [s for s in (lower, lower + factor) if s > 0]
 
 
-def check_input(x, num_levels: int, model_name: str) -> int:
+def check_input(x, num_levels: int, model_name: str,
+                strides: Sequence[Sequence[int]] = ()) -> int:
   """Validates a channels-last input; returns its number of spatial dims.
 
   Runs at trace time, so a bad shape fails with a message instead of an XLA
@@ -83,6 +148,7 @@ def check_input(x, num_levels: int, model_name: str) -> int:
     x: the input array (or tracer), `[B, H, W, C]` or `[B, D, H, W, C]`.
     num_levels: len(features); the input is downsampled num_levels - 1 times.
     model_name: used in messages.
+    strides: the per-level strides (see `level_strides`); () = 2 per axis.
 
   Returns:
     The number of spatial dimensions, 2 or 3.
@@ -94,15 +160,17 @@ def check_input(x, num_levels: int, model_name: str) -> int:
         f'[B, D, H, W, C] (3D); got shape {shape} with {len(shape)} dims. '
         'Add a batch axis and/or a trailing channel axis (e.g. x[..., None]).')
   spatial = shape[1:-1]
-  factor = 2**(num_levels - 1)
-  bad = list(dict.fromkeys(s for s in spatial if s % factor))
+  factors = total_stride(strides, num_levels, len(spatial))
+  bad = list(dict.fromkeys((s, f) for s, f in zip(spatial, factors) if s % f))
   if bad:
     if len(bad) == 1:
-      near = ', '.join(map(str, _nearest_multiples(bad[0], factor)))
+      near = ', '.join(map(str, _nearest_multiples(*bad[0])))
     else:
       near = '; '.join(
-          f'{", ".join(map(str, _nearest_multiples(s, factor)))} (for {s})'
-          for s in bad)
+          f'{", ".join(map(str, _nearest_multiples(s, f)))} (for {s})'
+          for s, f in bad)
+    factor = (factors[0] if len(set(factors)) == 1 else
+              f'{factors} (per axis, the product of config.model.strides)')
     hint = ''
     if shape[1] <= 4 < shape[-1]:
       hint = (f' The input looks channels-first ({shape}); this library is '
@@ -198,11 +266,13 @@ class ConvBlock(nn.Module):
 
 
 class Down(nn.Module):
-  """Halves every spatial size: 2x max-pooling, or a strided 3x conv.
+  """Divides the spatial sizes by `strides`: max-pooling, or a strided 3x conv.
 
   Attributes:
-    mode: 'maxpool' (no parameters) or 'strided' (conv stride 2, keeping the
-      channel count, then norm and act).
+    mode: 'maxpool' (window = stride; no parameters) or 'strided' (conv with
+      that stride, keeping the channel count, then norm and act).
+    strides: stride per spatial axis, e.g. (1, 2, 2) to keep the first
+      (coarse) axis; () = 2 along every axis.
     norm: norm of the strided conv.
     act: activation of the strided conv.
     dtype: compute dtype.
@@ -213,18 +283,20 @@ class Down(nn.Module):
   act: Callable = nn.relu
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  strides: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x, train: bool):
-    """Args: x `[B, *spatial, C]`; train. Returns `[B, *spatial/2, C]`."""
+    """Args: x `[B, *spatial, C]`; train. Returns `[B, *spatial/strides, C]`."""
     ndim = x.ndim - 2
+    strides = tuple(self.strides) or (2,) * ndim
     if self.mode == 'maxpool':
       # window_shape by keyword: jax2onnx's max_pool takes it so (export).
-      return nn.max_pool(x, window_shape=(2,) * ndim, strides=(2,) * ndim,
+      return nn.max_pool(x, window_shape=strides, strides=strides,
                          padding='VALID')
     if self.mode == 'strided':
       channels = x.shape[-1]
-      y = nn.Conv(channels, (3,) * ndim, strides=(2,) * ndim, padding='SAME',
+      y = nn.Conv(channels, (3,) * ndim, strides=strides, padding='SAME',
                   use_bias=self.norm == 'none',
                   kernel_init=default_kernel_init, dtype=self.dtype,
                   param_dtype=self.param_dtype, name='conv')(x)
@@ -235,25 +307,31 @@ class Down(nn.Module):
                      f'{DOWNSAMPLE_MODES}.')
 
 
-def depth_to_space_2x(y, features: int):
-  """Rearranges `[B, *spatial, 2**ndim * features]` to `[B, *(2*spatial), features]`.
+def depth_to_space(y, features: int, factors: Sequence[int]):
+  """Rearranges `[B, *spatial, prod(factors) * features]` to `[B, *(factors * spatial), features]`.
 
-  Channel block (a_0, .., a_{n-1}) of input voxel i goes to output voxel 2i + a.
+  Channel block (a_0, .., a_{n-1}) (a_i < factors[i]) of input voxel i goes
+  to output voxel factors * i + a.
   """
   ndim = y.ndim - 2
   batch, *spatial, _ = y.shape
-  y = y.reshape(batch, *spatial, *(2,) * ndim, features)
+  y = y.reshape(batch, *spatial, *factors, features)
   # [B, s0, .., s_{n-1}, a_0, .., a_{n-1}, C] -> [B, s0, a_0, s1, a_1, .., C].
   order = [0] + [a for i in range(ndim) for a in (1 + i, 1 + ndim + i)]
   y = y.transpose(*order, 1 + 2 * ndim)
-  return y.reshape(batch, *(2 * s for s in spatial), features)
+  return y.reshape(batch, *(f * s for f, s in zip(factors, spatial)), features)
+
+
+def depth_to_space_2x(y, features: int):
+  """`depth_to_space` with a factor of 2 along every spatial axis."""
+  return depth_to_space(y, features, (2,) * (y.ndim - 2))
 
 
 class Up(nn.Module):
-  """Doubles every spatial size and maps the channels to `features`.
+  """Multiplies the spatial sizes by `strides`, maps the channels to `features`.
 
-  'transpose' is a 2x transposed convolution with stride 2 (the classic
-  U-Net up-convolution). 'linear' / 'nearest' resize first (bi/trilinear or
+  'transpose' is a transposed convolution with kernel = stride (2: the
+  classic U-Net up-convolution). 'linear' / 'nearest' resize first (bi/trilinear or
   nearest, half-pixel centres) and then project with a 1x1 conv: no
   checkerboard artefacts, fewer parameters.
 
@@ -263,30 +341,36 @@ class Up(nn.Module):
       'resize' mean 'linear').
     dtype: compute dtype.
     param_dtype: parameter dtype.
+    strides: upsampling factor per spatial axis (the `Down` strides it
+      undoes); () = 2 along every axis.
   """
   features: int
   mode: str = 'transpose'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  strides: Sequence[int] = ()
 
   @nn.compact
   def __call__(self, x):
-    """Args: x `[B, *spatial, C]`. Returns `[B, *(2*spatial), features]`."""
+    """Args: x `[B, *spatial, C]`. Returns `[B, *(strides*spatial), features]`."""
     ndim = x.ndim - 2
+    factors = tuple(self.strides) or (2,) * ndim
     mode = canonical_upsample(self.mode)
     if mode == 'transpose':
-      # A transposed conv with kernel == stride == 2 has no overlapping
-      # windows: each input voxel maps linearly to its own 2^ndim output block.
-      # So it is a matmul to 2^ndim * features channels + depth-to-space: the
-      # same function as nn.ConvTranspose (tested), but its gradient is ~20x
-      # faster on XLA's CPU backend (16 ms vs 318 ms for 16x64x64x16).
-      y = nn.Dense(self.features * 2**ndim, use_bias=False,
+      # A transposed conv with kernel == stride has no overlapping windows:
+      # each input voxel maps linearly to its own prod(stride) output block.
+      # So it is a matmul to prod(stride) * features channels + depth-to-space:
+      # the same function as nn.ConvTranspose (tested), but its gradient is
+      # ~20x faster on XLA's CPU backend (16 ms vs 318 ms for 16x64x64x16).
+      y = nn.Dense(self.features * math.prod(factors), use_bias=False,
                    kernel_init=default_kernel_init, dtype=self.dtype,
                    param_dtype=self.param_dtype, name='conv_transpose')(x)
       bias = self.param('conv_transpose_bias', nn.initializers.zeros,
                         (self.features,), self.param_dtype)
-      return depth_to_space_2x(y, self.features) + bias.astype(y.dtype)
-    shape = (x.shape[0], *(2 * s for s in x.shape[1:-1]), x.shape[-1])
+      return (depth_to_space(y, self.features, factors)
+              + bias.astype(y.dtype))
+    shape = (x.shape[0], *(f * s for f, s in zip(factors, x.shape[1:-1])),
+             x.shape[-1])
     x = jax.image.resize(x.astype(self.dtype), shape, method=mode,
                          antialias=False)  # Upsampling: no effect; ONNX needs it.
     return nn.Conv(self.features, (1,) * ndim, kernel_init=default_kernel_init,

@@ -21,7 +21,22 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32,
 # accepted only at their neutral value (see `_module_kwargs`). A model class
 # adds its own keys in a `CONFIG_KEYS` class attribute.
 _CONFIG_KEYS = ('features', 'norm', 'upsample', 'downsample', 'residual',
-                'deep_supervision', 'dropout_rate', 'dropout_at')
+                'deep_supervision', 'dropout_rate', 'dropout_at', 'strides')
+
+
+def _as_tuples(value):
+  """Returns nested lists (JSON) as nested tuples (hashable attributes)."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_tuples(v) for v in value)
+  return value
+
+
+def _is_neutral(key: str, value) -> bool:
+  """Whether a key a model lacks holds a value that asks for nothing."""
+  if key == 'strides':  # Explicit 2s everywhere are the default pooling.
+    rows = _as_tuples(value)
+    return all(isinstance(r, tuple) and all(s == 2 for s in r) for r in rows)
+  return value in (False, None, 0, 0.0, ())
 
 
 def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -62,8 +77,14 @@ def _module_kwargs(cls, name: str, model_cfg) -> dict:
       continue
     value = model_cfg[key]
     if key in fields:
-      kwargs[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    elif value not in (False, None, 0, 0.0, ()):
+      kwargs[key] = _as_tuples(value)
+    elif key == 'strides' and not _is_neutral(key, value):
+      raise ValueError(
+          f'config.model.strides={_as_tuples(value)!r}: model {name!r} '
+          f'({cls.__name__}) pools by 2 along every axis; set '
+          'config.model.strides=() or use model unet or unetpp for '
+          'anisotropic pooling.')
+    elif not _is_neutral(key, value):
       raise ValueError(
           f'config.model.{key}={value!r} is not supported by model '
           f'{name!r} ({cls.__name__}); remove it or set it to a '
@@ -78,8 +99,8 @@ def create_model(model_cfg, num_classes: int) -> nn.Module:
     model_cfg: `config.model`: an ml_collections.ConfigDict (or dict) with
       `name` (see `known_models()`), `features`, `norm`, `dtype` ('bfloat16' /
       'float32'), `upsample`, `residual`, `deep_supervision`, `dropout_rate`;
-      optionally `downsample`, `dropout_at`. Missing keys take the module's
-      default.
+      optionally `downsample`, `dropout_at`, `strides` (U-Net, UNet++).
+      Missing keys take the module's default.
     num_classes: output channels K (1 = binary, >= 2 = softmax classes).
 
   Returns:

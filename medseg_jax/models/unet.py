@@ -18,7 +18,8 @@ class UNet(nn.Module):
   Attributes:
     num_classes: output channels K (1 = binary/sigmoid, >= 2 = softmax).
     features: channels per level, shallowest first; the last level is the
-      bottleneck. Inputs must be divisible by 2**(len(features) - 1).
+      bottleneck. Inputs must be divisible by `input_divisor`
+      (2**(len(features) - 1) with the default strides).
     norm: 'batch', 'group', 'instance' or 'none'.
     dtype: compute dtype (parameters stay `param_dtype`, logits float32).
     param_dtype: parameter dtype.
@@ -28,6 +29,10 @@ class UNet(nn.Module):
     residual: residual conv blocks.
     dropout_rate: dropout after the blocks named in `dropout_at` (0 = none).
     dropout_at: any of 'encoder', 'bottleneck', 'decoder'.
+    strides: per-axis pooling stride of each downsampling level
+      (len(features) - 1 tuples, e.g. ((1, 2, 2), (2, 2, 2)) to pool a
+      coarse first axis only from the second level); the upsampling undoes
+      the same strides. () = 2 along every axis.
   """
   num_classes: int
   features: Sequence[int] = (32, 64, 128, 256, 512)
@@ -39,12 +44,26 @@ class UNet(nn.Module):
   residual: bool = False
   dropout_rate: float = 0.0
   dropout_at: Sequence[str] = ('bottleneck',)
+  strides: Sequence[Sequence[int]] = ()
 
   def __post_init__(self):
     layers.check_features(self.features)
+    layers.check_strides(self.strides, len(self.features))
     layers.check_options(self.norm, self.upsample, self.downsample,
                          self.dropout_rate, self.dropout_at)
     super().__post_init__()
+
+  @property
+  def input_divisor(self) -> int | tuple[int, ...]:
+    """Every spatial input size must be a multiple of this (per axis).
+
+    2**(len(features) - 1) with the default strides; with `strides`, the
+    product of the strides along each axis, e.g. (4, 8, 8).
+    """
+    if not self.strides:
+      return 2**(len(self.features) - 1)
+    return layers.total_stride(self.strides, len(self.features),
+                               len(self.strides[0]))
 
   @nn.compact
   def __call__(self, x, train: bool, mc_dropout: bool = False):
@@ -52,13 +71,15 @@ class UNet(nn.Module):
 
     Args:
       x: `[B, H, W, C]` or `[B, D, H, W, C]`, spatial sizes divisible by
-        2**(len(features) - 1).
+        `input_divisor` (per axis).
       train: batch statistics + dropout on; BatchNorm running averages update
         (apply with mutable=['batch_stats']).
       mc_dropout: dropout on at inference too (Monte Carlo dropout); norms
         stay in eval mode. Needs a 'dropout' rng.
     """
-    layers.check_input(x, len(self.features), type(self).__name__)
+    ndim = layers.check_input(x, len(self.features), type(self).__name__,
+                              self.strides)
+    strides = layers.level_strides(self.strides, len(self.features), ndim)
     deterministic = not (train or mc_dropout)
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -76,14 +97,15 @@ class UNet(nn.Module):
     y = x
     for i in range(depth):
       if i > 0:
-        y = layers.Down(self.downsample, norm=self.norm, name=f'down_{i}',
-                        **common)(y, train)
+        y = layers.Down(self.downsample, norm=self.norm,
+                        strides=strides[i - 1], name=f'down_{i}', **common)(
+                            y, train)
       where = 'bottleneck' if i == depth - 1 else 'encoder'
       y = block(i, y, f'enc_{i}', where)
       skips.append(y)
     for i in reversed(range(depth - 1)):
-      y = layers.Up(self.features[i], self.upsample, name=f'up_{i}',
-                    **common)(y)
+      y = layers.Up(self.features[i], self.upsample, strides=strides[i],
+                    name=f'up_{i}', **common)(y)
       y = jnp.concatenate([skips[i].astype(y.dtype), y], axis=-1)
       y = block(i, y, f'dec_{i}', 'decoder')
     return layers.Head(self.num_classes, self.param_dtype, name='head')(y)

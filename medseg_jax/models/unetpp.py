@@ -24,7 +24,8 @@ class UNetPlusPlus(nn.Module):
   Attributes:
     num_classes: output channels K (1 = binary/sigmoid, >= 2 = softmax).
     features: channels per depth, shallowest first. Inputs must be divisible
-      by 2**(len(features) - 1).
+      by `input_divisor`
+      (2**(len(features) - 1) with the default strides).
     deep_supervision: in training, return the logits of every X^{0,j},
       j = 1..L-1, the final output last; in eval, only the final output.
     norm: 'batch', 'group', 'instance' or 'none'.
@@ -37,6 +38,10 @@ class UNetPlusPlus(nn.Module):
     dropout_rate: dropout after the blocks named in `dropout_at` (0 = none).
     dropout_at: any of 'encoder' (X^{i,0}, i < L-1), 'bottleneck'
       (X^{L-1,0}), 'decoder' (X^{i,j}, j >= 1).
+    strides: per-axis pooling stride of each downsampling level
+      (len(features) - 1 tuples, e.g. ((1, 2, 2), (2, 2, 2)) to pool a
+      coarse first axis only from the second level); the upsampling undoes
+      the same strides. () = 2 along every axis.
   """
   num_classes: int
   features: Sequence[int] = (32, 64, 128, 256, 512)
@@ -49,12 +54,26 @@ class UNetPlusPlus(nn.Module):
   residual: bool = False
   dropout_rate: float = 0.0
   dropout_at: Sequence[str] = ('bottleneck',)
+  strides: Sequence[Sequence[int]] = ()
 
   def __post_init__(self):
     layers.check_features(self.features)
+    layers.check_strides(self.strides, len(self.features))
     layers.check_options(self.norm, self.upsample, self.downsample,
                          self.dropout_rate, self.dropout_at)
     super().__post_init__()
+
+  @property
+  def input_divisor(self) -> int | tuple[int, ...]:
+    """Every spatial input size must be a multiple of this (per axis).
+
+    2**(len(features) - 1) with the default strides; with `strides`, the
+    product of the strides along each axis, e.g. (4, 8, 8).
+    """
+    if not self.strides:
+      return 2**(len(self.features) - 1)
+    return layers.total_stride(self.strides, len(self.features),
+                               len(self.strides[0]))
 
   @nn.compact
   def __call__(self, x, train: bool, mc_dropout: bool = False):
@@ -62,7 +81,7 @@ class UNetPlusPlus(nn.Module):
 
     Args:
       x: `[B, H, W, C]` or `[B, D, H, W, C]`, spatial sizes divisible by
-        2**(len(features) - 1).
+        `input_divisor` (per axis).
       train: batch statistics + dropout on; BatchNorm running averages update
         (apply with mutable=['batch_stats']).
       mc_dropout: dropout on at inference too (Monte Carlo dropout); norms
@@ -72,7 +91,9 @@ class UNetPlusPlus(nn.Module):
       One array; or, when deep_supervision and train, a list of L-1 arrays
       from X^{0,1}, ..., X^{0,L-1} (the final output last).
     """
-    layers.check_input(x, len(self.features), type(self).__name__)
+    ndim = layers.check_input(x, len(self.features), type(self).__name__,
+                              self.strides)
+    strides = layers.level_strides(self.strides, len(self.features), ndim)
     deterministic = not (train or mc_dropout)
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     depth = len(self.features)
@@ -96,14 +117,15 @@ class UNetPlusPlus(nn.Module):
     y = x
     for i in range(depth):
       if i > 0:
-        y = layers.Down(self.downsample, norm=self.norm, name=f'down_{i}',
-                        **common)(y, train)
+        y = layers.Down(self.downsample, norm=self.norm,
+                        strides=strides[i - 1], name=f'down_{i}', **common)(
+                            y, train)
       y = block(i, 0, y)
       nodes[i].append(y)
     for j in range(1, depth):
       for i in range(depth - j):
-        up = layers.Up(self.features[i], self.upsample, name=f'up_{i}_{j}',
-                       **common)(nodes[i + 1][j - 1])
+        up = layers.Up(self.features[i], self.upsample, strides=strides[i],
+                       name=f'up_{i}_{j}', **common)(nodes[i + 1][j - 1])
         inputs = [n.astype(up.dtype) for n in nodes[i][:j]] + [up]
         nodes[i].append(block(i, j, jnp.concatenate(inputs, axis=-1)))
 
