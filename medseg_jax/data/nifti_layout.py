@@ -109,10 +109,10 @@ def _msd_cases(root, meta, json_path, problems) -> list:
     if is_broken_link(image) or is_broken_link(label):
       link = image if is_broken_link(image) else label
       problems.append(Problem(link, broken_link_reason(link)))
-    elif not os.path.isfile(image):
+    elif not os.path.exists(image):  # A folder: a DICOM series.
       problems.append(Problem(
           image, 'image listed in dataset.json does not exist.'))
-    elif not os.path.isfile(label):
+    elif not os.path.exists(label):  # A folder: PNG slices of a series.
       problems.append(Problem(image, f'no label: expected {label}.'))
     else:
       cases.append(Case(_strip_nifti(os.path.basename(image)), (image,), label))
@@ -274,13 +274,13 @@ def read_case_arrays(case: Case) -> tuple:
   Raises:
     volume_io.FileError: unreadable file, channels/label of other geometry.
   """
-  first = volume_io.read_nifti(case.images[0])
+  first = volume_io.read_volume(case.images[0])  # NIfTI or DICOM series.
   channels = [first.array if first.array.ndim == 4 else first.array[..., None]]
   for path in case.images[1:]:
-    vol = volume_io.read_nifti(path)
+    vol = volume_io.read_volume(path)
     _same_geometry(first, vol, case.images[0], path)
     channels.append(vol.array[..., None] if vol.array.ndim == 3 else vol.array)
-  label = volume_io.read_nifti(case.label)
+  label = volume_io.read_label_volume(case.label, first)
   if label.array.ndim != 3:
     raise volume_io.FileError(case.label, f'label of shape {label.array.shape}'
                               ' is not a 3D map (D, H, W).')
