@@ -45,11 +45,21 @@ def get_config(arg=None):
   config.data.cache_dir = ''
   # Volumes: intensity normalisation per case and optional resampling.
   config.data.preprocess = ml_collections.ConfigDict(dict(
-      intensity='zscore',  # 'zscore', 'ct', 'percentile' or 'none'.
+      # 'zscore', 'ct', 'percentile', 'none', or 'suv' (PET DICOM series
+      # in body-weight SUV, the factor from the DICOM tags).
+      intensity='zscore',
       zscore_foreground=False,
       ct_window=(-1000.0, 1000.0),
       clip_percentiles=(0.5, 99.5),
       target_spacing=(),  # () keeps the native spacing; else (D, H, W) mm.
+      # Register every other channel of a case to this channel (-1: off)
+      # before normalisation, once per case (medseg_jax/register_cases.py;
+      # transforms cached, report in <workdir>/registration.csv), with a
+      # 'rigid' or 'affine' transform and the 'mattes_mi' (multi-modal) or
+      # 'ncc' metric. Prediction registers new cases the same way.
+      register_to=-1,
+      register_kind='rigid',
+      register_metric='mattes_mi',
   ))
   # Volumes: '3d' trains on random patches, '2d' on axial slices (with
   # `slice_context` neighbouring slices on each side as extra channels).
@@ -81,6 +91,11 @@ def get_config(arg=None):
   # Grain worker processes per JAX process (0 = load in the main process).
   config.data.worker_count = 2
   config.data.prefetch_buffer_size = 4
+  # Where training augmentation (config.data.augment) and normalisation run:
+  # 'host' (Grain workers, NumPy/SciPy) or 'device' (inside the jitted train
+  # step, per example, same ranges and order; the host only loads, cuts
+  # patches and batches). Same distributions, different random draws.
+  config.data.augment_on = 'host'
   config.data.augment = ml_collections.ConfigDict(dict(
       flip=True,
       rot90=True,
@@ -117,6 +132,17 @@ def get_config(arg=None):
   config.model.residual = False
   config.model.deep_supervision = False
   config.model.dropout_rate = 0.0
+  # XLA:CPU convolution kernels (CPU only; the same values up to rounding):
+  # 'eigen' (gradients 3-4x faster on wide convs), 'ynnpack' (jaxlib's
+  # default, faster at widths < 32) or 'auto' (eigen when features[0] >= 32).
+  # Applied when the process starts (main.py); models/cpu_conv.py.
+  config.model.conv_impl = 'auto'
+  # Per-axis pooling (U-Net, UNet++): one stride tuple per downsampling level
+  # (len(features) - 1), e.g. ((1, 2, 2), (2, 2, 2), (2, 2, 2)) pools the
+  # coarse first axis of an anisotropic volume from the second level on
+  # (nnU-Net); upsampling undoes the same strides. Input sizes must be
+  # multiples of the per-axis product. () = 2 along every axis.
+  config.model.strides = ()
 
   # Loss = sum of weight * term; names are those of `medseg_jax.losses.LOSSES`.
   config.loss = ml_collections.ConfigDict()
@@ -156,6 +182,10 @@ def get_config(arg=None):
   config.train.batch_size = 16  # Global batch, split over every device.
   config.train.num_epochs = 20
   config.train.num_steps = -1
+  # 0: an epoch is one pass over the training cases; > 0: an epoch is this
+  # many steps (nnU-Net: 250), so num_epochs, optim.warmup_epochs and
+  # eval_every_epochs count them whatever the number of cases.
+  config.train.steps_per_epoch = 0
   config.train.log_every_steps = 50
   config.train.eval_every_epochs = 1.0
   config.train.checkpoint_every_steps = -1  # -1: at every evaluation.
@@ -171,6 +201,13 @@ def get_config(arg=None):
   # {'split': 'early_stop', 'step', 'best_step', 'best_dice'}; starting the
   # run again reports its metrics instead of training on.
   config.train.early_stopping_patience = 0
+  # Whole-case validation (nnU-Net's final validation): every k-th evaluation
+  # (and the last) predicts each validation case whole, by sliding windows
+  # for patch runs and slice by slice for 2D-slice runs, as --mode=evaluate
+  # does (no TTA), and logs split 'val_cases' in metrics.jsonl. When on, the
+  # best checkpoint and early stopping follow its Dice (other evaluations
+  # save no best). 0 = off: patch runs are then scored on one patch per case.
+  config.train.case_val_every = 0
   # EMA of the parameters (0 = off; e.g. 0.999): ema = d * ema + (1 - d) *
   # params after every step, starting from the initial parameters, kept in
   # the optimiser state (so resumes are exact). At each evaluation the EMA
@@ -209,6 +246,25 @@ def get_config(arg=None):
   # evaluate: tolerance (mm, or pixels for photographs) of the normalized
   # surface Dice column, DeepMind's area-weighted definition; 0 = no column.
   config.eval.nsd_tolerance_mm = 0.0
+  # evaluate: subgroup analysis of Dice per metadata column, e.g.
+  # ('sex', 'site'), with a forest plot and subgroups.csv (medseg_jax/
+  # subgroups.py). Columns come from `subgroups_csv` (case_id or patient_id
+  # + columns; absolute, or relative to the cwd or data.root), else the ISIC
+  # metadata CSV or the folder manifest. Numeric columns with many values
+  # (age) are cut into `subgroup_bins` quantile bins.
+  config.eval.subgroups = ()
+  config.eval.subgroups_csv = ''
+  config.eval.subgroup_bins = 4
+  # evaluate: decision-curve analysis (Vickers & Elkin) of a case-level
+  # decision (medseg_jax/decision_curve.py). rule: '' (off), 'volume' (act
+  # when the predicted volume > `volume`, in the reports' volume unit: mm^3,
+  # mm^2, or pixels for photographs) or 'max_prob' (act when the max
+  # foreground probability >= the threshold probability). truth: 'volume'
+  # (true volume > `volume`) or 'column' (metadata `truth_column` equals
+  # `truth_positive`, e.g. diagnosis = melanoma).
+  config.eval.decision = ml_collections.ConfigDict(dict(
+      rule='', volume=0.0, truth='volume', truth_column='',
+      truth_positive=''))
 
   # --mode=export: StableHLO + ONNX (+ int8 ONNX) + manifest.json + parity.json
   # in WORKDIR/export/ (medseg_jax/export.py).

@@ -98,11 +98,19 @@ CHECKS: tuple[_Check, ...] = (
     ('data.std', lambda v: isinstance(v, (tuple, list)) and all(
         _positive(x) for x in v), 'must be positive numbers'),
     ('data.worker_count', _nonneg_int, _NONNEG_INT),
+    ('data.preprocess.register_kind', _one_of('rigid', 'affine'),
+     "must be 'rigid' or 'affine'"),
+    ('data.preprocess.register_metric', _one_of('mattes_mi', 'ncc'),
+     "must be 'mattes_mi' or 'ncc'"),
     ('data.prefetch_buffer_size', _nonneg_int, _NONNEG_INT),
+    ('data.augment_on', _one_of('host', 'device'),
+     "must be 'host' or 'device'"),
     ('model.features', _sizes, 'must be positive integers'),
     ('model.dtype', _one_of('float32', 'bfloat16', 'float16'),
      "must be 'float32', 'bfloat16' or 'float16'"),
     ('model.dropout_rate', _below_one, 'must be a number in [0, 1)'),
+    ('model.conv_impl', _one_of('auto', 'eigen', 'ynnpack'),
+     "must be 'auto', 'eigen' or 'ynnpack'"),
     ('optim.lr', _positive, 'must be a finite number > 0'),
     ('optim.weight_decay', _nonneg, 'must be a finite number >= 0'),
     ('optim.b1', _below_one, 'must be a number in [0, 1)'),
@@ -131,6 +139,10 @@ CHECKS: tuple[_Check, ...] = (
     ('train.tensorboard', lambda v: isinstance(v, bool),
      'must be True or False'),
     ('train.early_stopping_patience', _nonneg_int, _NONNEG_INT + ' (0 = off)'),
+    ('train.steps_per_epoch', _nonneg_int,
+     _NONNEG_INT + ' (0 = one pass over the training cases)'),
+    ('train.case_val_every', _nonneg_int,
+     _NONNEG_INT + ' (0 = off; k = every k-th evaluation)'),
     ('train.ema_decay', _below_one, 'must be a number in [0, 1) (0 = off)'),
     ('train.grad_accum_steps', _positive_int, _POSITIVE_INT),
     ('eval.batch_size', _positive_int, _POSITIVE_INT),
@@ -144,6 +156,16 @@ CHECKS: tuple[_Check, ...] = (
     ('eval.nsd_tolerance_mm', lambda v: _finite(v) and v >= 0,
      'must be a finite number >= 0 (0 = no NSD column)'),
     ('eval.postprocess.min_size', _nonneg_int, _NONNEG_INT),
+    ('eval.subgroups', lambda v: isinstance(v, (tuple, list)) and all(
+        isinstance(x, str) and x.strip() for x in v),
+     "must be a tuple of metadata column names, e.g. ('sex', 'site')"),
+    ('eval.subgroup_bins', lambda v: _positive_int(v) and v >= 2,
+     'must be an integer >= 2'),
+    ('eval.decision.rule', _one_of('', 'volume', 'max_prob'),
+     "must be '' (off), 'volume' or 'max_prob'"),
+    ('eval.decision.truth', _one_of('volume', 'column'),
+     "must be 'volume' or 'column'"),
+    ('eval.decision.volume', _nonneg, 'must be a finite number >= 0'),
 )
 
 
@@ -196,6 +218,8 @@ def _cross_checks(config) -> list[str]:
   if name == 'sgd' and nesterov is True and momentum == 0:
     problems.append('config.optim.nesterov=True needs config.optim.momentum '
                     '> 0 (it is 0); set nesterov=False for plain SGD.')
+  problems += _register_to_problems(config)
+  problems += _strides_problems(config)
   _, weights = _get(config, 'loss.weights')
   if weights is not None:
     items = dict(weights.items()) if hasattr(weights, 'items') else {}
@@ -206,7 +230,63 @@ def _cross_checks(config) -> list[str]:
     if items and not bad and not any(v > 0 for v in items.values()):
       problems.append(f'config.loss.weights={items}: at least one weight '
                       'must be > 0.')
+  _, rule = _get(config, 'eval.decision.rule')
+  _, truth = _get(config, 'eval.decision.truth')
+  _, column = _get(config, 'eval.decision.truth_column')
+  if rule and truth == 'column' and not column:
+    problems.append("config.eval.decision.truth='column' needs config.eval."
+                    'decision.truth_column (and truth_positive), e.g. '
+                    'diagnosis and melanoma.')
   return problems
+
+
+def _strides_problems(config) -> list[str]:
+  """config.model.strides: (), or one per-axis tuple per downsampling level."""
+  found, strides = _get(config, 'model.strides')
+  _, features = _get(config, 'model.features')
+  if not found or strides in ((), []) or not isinstance(features,
+                                                         (tuple, list)):
+    return []
+  levels = len(features) - 1
+  rows = strides if isinstance(strides, (tuple, list)) else None
+  ok = (rows is not None and len(rows) == levels and all(
+      isinstance(r, (tuple, list)) and len(r) in (2, 3)
+      and all(_positive_int(x) for x in r) for r in rows)
+        and len({len(r) for r in rows}) == 1)
+  if not ok:
+    return [f'config.model.strides={strides!r}: must be () (2 on every axis) '
+            f'or {levels} per-axis stride tuples, one per downsampling level '
+            f'of features {tuple(features)}, all of one rank, e.g. '
+            f'{((1, 2, 2),) + ((2, 2, 2),) * (levels - 1)}.']
+  _, patch = _get(config, 'data.patch_size')
+  if isinstance(patch, (tuple, list)) and patch and len(patch) != len(rows[0]):
+    return [f'config.model.strides={strides!r} has {len(rows[0])} axes per '
+            f'level, config.data.patch_size={tuple(patch)} has {len(patch)}: '
+            'give one stride per patch axis.']
+  return []
+
+
+def _register_to_problems(config) -> list[str]:
+  """config.data.preprocess.register_to: -1, or a channel of a NIfTI case."""
+  found, index = _get(config, 'data.preprocess.register_to')
+  if not found or index == -1:
+    return []
+  key = f'config.data.preprocess.register_to={index!r}'
+  _, channels = _get(config, 'data.in_channels')
+  _, mode = _get(config, 'data.volume_mode')
+  _, context = _get(config, 'data.slice_context')
+  if mode == '2d' and _nonneg_int(context) and _positive_int(channels):
+    channels //= 2 * context + 1  # in_channels counts the context slices.
+  if not isinstance(index, int) or isinstance(index, bool) or index < -1:
+    return [f'{key}: must be a channel index (0, 1, ...) or -1 (off).']
+  if _get(config, 'data.source')[1] != 'nifti':
+    return [f"{key}: registration works on volume channels of "
+            "config.data.source='nifti' (MSD/nnU-Net folders, DICOM series); "
+            'set it to -1.']
+  if _positive_int(channels) and index >= channels:
+    return [f'{key}: out of range, the cases have {channels} channel(s) '
+            f'(0..{channels - 1}); set a channel index or -1 (off).']
+  return []
 
 
 def config_problems(config) -> list[str]:

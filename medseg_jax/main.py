@@ -6,6 +6,9 @@ Modes:
               to WORKDIR/eval/<split>/ (best checkpoint unless --checkpoint).
   predict     masks for the images/volumes at --input, written to --output.
   check_data  check the data set of --config and list every problem found.
+  plan        fingerprint a NIfTI data set and plan it (nnU-Net's decisions,
+              memory from XLA): WORKDIR/fingerprint.json, plan.json,
+              config_3d.py (+ config_2d.py); see medseg_jax/plan_config.py.
   export      WORKDIR/export/: StableHLO, ONNX, manifest, parity (export.py).
   sweep       train and evaluate every run of a sweep file (get_config +
               get_sweep, e.g. configs/sweeps/isic_fractions.py:cpu) in
@@ -42,6 +45,7 @@ from ml_collections import config_flags
 
 from medseg_jax import config_lib
 from medseg_jax import train
+from medseg_jax.models import cpu_conv
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -51,8 +55,14 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 flags.DEFINE_enum('mode', 'train',
                   ['train', 'evaluate', 'predict', 'check_data', 'sweep',
-                   'export'],
+                   'export', 'plan'],
                   'What to run.')
+flags.DEFINE_float('plan_memory_gb', None, 'plan: memory budget of one train '
+                   "step (GiB); default: the present device's (CPU: "
+                   'plan_memory.CPU_DEFAULT_GB).')
+flags.DEFINE_bool('plan_compare_nnunet', False, "plan: also run nnU-Net v2's "
+                  'planner (a venv with nnunetv2, $NNUNET_VENV or '
+                  '/tmp/venv-nnunet) and print both plans side by side.')
 flags.DEFINE_string('split', 'test', 'evaluate: train, val, test or all.')
 flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest', 'best_ema'],
                   'evaluate/predict: which checkpoint to load (best_ema: '
@@ -191,16 +201,47 @@ def _require(*names: str) -> None:
 
 
 def _train() -> None:
-  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  result = train.train_and_evaluate(_filled_config(), FLAGS.workdir)
   if jax.process_index() == 0:
     workdir = os.path.abspath(FLAGS.workdir)
     outputs = 'config.json, metrics.jsonl, checkpoints/' + (
         ', tensorboard/' if FLAGS.config.train.tensorboard else '')
-    print(f'Done. Validation Dice {result["dice"]:.4f} (best '
+    best = ('best whole-case' if FLAGS.config.train.get('case_val_every', 0)
+            else 'best')
+    print(f'Done. Validation Dice {result["dice"]:.4f} ({best} '
           f'{result["best_dice"]:.4f}), IoU {result["iou"]:.4f}, '
           f'sensitivity {result["sensitivity"]:.4f}, specificity '
           f'{result["specificity"]:.4f}.\nResults in {workdir}: {outputs}.\n'
           f'Next: python -m medseg_jax.main --mode=evaluate --workdir={workdir}')
+
+
+def _filled_config():
+  """--config with the values its data set states (config_lib.fill_from_data).
+
+  When --config.data.source is switched on the command line, the file's
+  data values were written for its own source: only --config.data.* flags
+  bind then.
+  """
+  given = {m.group(1) for m in map(_OVERRIDE.match, sys.argv[1:]) if m}
+  return config_lib.fill_from_data(
+      FLAGS.config, explicit=given if 'data.source' in given else None)
+
+
+def _plan() -> None:
+  from medseg_jax import plan_config  # pylint: disable=import-outside-toplevel
+  plan = plan_config.run_plan(_filled_config(), FLAGS.workdir,
+                              FLAGS['config'].config_filename,
+                              memory_gb=FLAGS.plan_memory_gb)
+  print(plan_config.format_plan(plan))
+  if FLAGS.plan_compare_nnunet:
+    from medseg_jax import plan_nnunet  # pylint: disable=import-outside-toplevel
+    print(plan_nnunet.compare(FLAGS.config, plan,
+                              FLAGS.plan_memory_gb or 8.0))
+  print(f'Wrote fingerprint.json, plan.json and '
+        f'{", ".join(f"config_{k}.py" for k in plan["chosen"])} in '
+        f'{os.path.abspath(FLAGS.workdir)}.\nNext: python -m medseg_jax.main '
+        f'--config={os.path.join(FLAGS.workdir, "config_" + plan["chosen"][0] + ".py")} '
+        f'--workdir=runs/<name>')
 
 
 def _run_mode() -> None:
@@ -212,8 +253,9 @@ def _run_mode() -> None:
   elif FLAGS.mode == 'check_data':
     _require('config')
     from medseg_jax.data import check  # pylint: disable=import-outside-toplevel
-    problems = check.check_dataset(FLAGS.config.data)
-    print(check.format_problems(problems, FLAGS.config.data.root))
+    data_cfg = _filled_config().data
+    problems = check.check_dataset(data_cfg)
+    print(check.format_problems(problems, data_cfg.root))
     if problems:
       sys.exit(1)
   elif FLAGS.mode == 'evaluate':
@@ -238,6 +280,9 @@ def _run_mode() -> None:
                     FLAGS.workdir, parallel=FLAGS.sweep_parallel,
                     emit=FLAGS.sweep_emit, index=FLAGS.sweep_index,
                     argv=sys.argv)
+  elif FLAGS.mode == 'plan':  # Fingerprint -> plan -> config files.
+    _require('config', 'workdir')
+    _plan()
   elif FLAGS.mode == 'export':  # StableHLO + ONNX + manifest + parity.
     _require('workdir')
     from medseg_jax import export  # pylint: disable=import-outside-toplevel
@@ -252,6 +297,9 @@ def main(argv) -> None:
     # Orbax and Grain log every save at INFO; keep the console to the progress
     # bar and our summaries unless the user asks for more (-v 0).
     logging.set_verbosity(logging.WARNING)
+  # Before the first JAX computation (XLA reads its flags once): Eigen or
+  # YNNPACK convolutions on CPU, config.model.conv_impl (models/cpu_conv.py).
+  cpu_conv.configure_cpu_convolutions(lambda: FLAGS.config.model)
   if FLAGS.mode != 'sweep':  # A sweep's runs are subprocesses; this process
     # must not take the accelerators' memory they need.
     _enable_compilation_cache()

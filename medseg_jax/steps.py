@@ -25,7 +25,8 @@ def _loss_from_outputs(outputs, labels, loss_weights):
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_weights,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1):
+                    schedule: optax.Schedule, grad_accum_steps: int = 1,
+                    augment=None):
   """Returns the pure training step.
 
   Args:
@@ -42,6 +43,10 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_weights,
       times per step, as k forward passes in PyTorch would. Micro-batch i
       holds cases i, i + k, i + 2k, ... so every device contributes the same
       number of cases to each.
+    augment: None, or `device_augment.make_batch_augment(...)`: a function
+      of the batch (with `position`) returning the augmented, normalised
+      `image` and `label`, run first inside the step (on-device
+      augmentation, `config.data.augment_on='device'`).
 
   Returns:
     `train_step(state, batch, rng) -> (state, metrics)`; `batch` has `image`
@@ -87,6 +92,8 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_weights,
     return (loss_sum / k, batch_stats), grads
 
   def train_step(state: TrainState, batch, rng):
+    if augment is not None:
+      batch = augment(batch)
     dropout_rng = jax.random.fold_in(rng, state.step)
     if grad_accum_steps == 1:
       (loss, batch_stats), grads = grads_of(state.params,

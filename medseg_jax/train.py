@@ -18,13 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from medseg_jax import case_validation
 from medseg_jax import checkpoint as checkpoint_lib
 from medseg_jax import config_checks
 from medseg_jax import config_lib
+from medseg_jax import device_augment
 from medseg_jax import metrics
 from medseg_jax import models
 from medseg_jax import optim
 from medseg_jax import parallel
+from medseg_jax import register_cases
 from medseg_jax import state as state_lib
 from medseg_jax import steps
 from medseg_jax import tensorboard as tensorboard_lib
@@ -40,6 +43,11 @@ class NonFiniteLossError(FloatingPointError):
 def training_schedule(config, num_train: int) -> dict[str, int]:
   """Converts durations in epochs to steps, in one place.
 
+  An epoch is `config.train.steps_per_epoch` steps when that is > 0
+  (nnU-Net's fixed 250 iterations), else one pass over the training cases
+  (num_train // batch_size steps). The data stream does not depend on it:
+  examples are drawn from successive shuffled passes over the cases.
+
   Returns:
     {'steps_per_epoch', 'total_steps', 'warmup_steps', 'eval_every',
     'checkpoint_every', 'log_every'}.
@@ -48,7 +56,8 @@ def training_schedule(config, num_train: int) -> dict[str, int]:
   if num_train < batch:
     raise ValueError(f'The train split has {num_train} cases, fewer than '
                      f'config.train.batch_size={batch}.')
-  per_epoch = num_train // batch
+  fixed = config.train.get('steps_per_epoch', 0)
+  per_epoch = fixed if fixed > 0 else num_train // batch
   total = (config.train.num_steps if config.train.num_steps > 0 else
            max(1, round(config.train.num_epochs * per_epoch)))
   eval_every = max(1, round(config.train.eval_every_epochs * per_epoch))
@@ -222,10 +231,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     workdir: where config.json, metrics.jsonl and checkpoints/ are written.
 
   Returns:
-    The validation metrics of the last evaluation, plus 'best_dice' (and
-    'best_ema_dice' with train.ema_decay > 0, 'early_stop_step' when the run
-    stopped early).
+    The validation metrics of the last evaluation, plus 'best_dice' (the
+    whole-case Dice with train.case_val_every > 0; and 'best_ema_dice' with
+    train.ema_decay > 0, 'early_stop_step' when the run stopped early).
   """
+  # Values the data set states itself (dataset.json's channels and labels)
+  # fill the defaults; contradictions are refused before anything is written.
+  config = config_lib.fill_from_data(config)
   config_checks.validate_config(config)
   workdir_lib.check_writable(workdir)
   with _writer_lock(workdir):
@@ -242,6 +254,7 @@ def _train_locked(config, workdir: str) -> dict:
   if config.data.check:
     check.assert_dataset_ok(config.data)
   data = pipeline.build_splits(config.data)
+  register_cases.attach(data.source, config.data, workdir if is_main else '')
   sched = training_schedule(config, data.size('train'))
   total_steps = sched['total_steps']
   mesh = parallel.create_mesh()
@@ -268,6 +281,9 @@ def _train_locked(config, workdir: str) -> dict:
 
   # Model and optimiser.
   model = models.create_model(config.model, config.data.num_classes)
+  case_val = (case_validation.CaseValidator(
+      config, model, data, sched['eval_every'], total_steps)
+              if config.train.get('case_val_every', 0) > 0 else None)
   schedule = optim.learning_rate_schedule(
       config.optim, total_steps=total_steps, warmup_steps=sched['warmup_steps'])
   tx = optim.create_optimizer(config.optim, schedule, ema_decay)
@@ -309,7 +325,8 @@ def _train_locked(config, workdir: str) -> dict:
   replicated = parallel.replicated_sharding(mesh)
   train_step = jax.jit(
       steps.make_train_step(model, tx, config.loss.weights, schedule,
-                            grad_accum_steps=accum),
+                            grad_accum_steps=accum,
+                            augment=device_augment.for_config(config)),
       donate_argnums=0, out_shardings=(shardings, replicated))
   # Reduce-on-plateau sees each evaluation's Dice once, outside the step.
   observe_plateau = jax.jit(
@@ -346,8 +363,9 @@ def _train_locked(config, workdir: str) -> dict:
       if stop_step is not None:
         break
       local = next(train_iter)
-      batch = parallel.global_batch(
-          {'image': local['image'], 'label': local['label']}, mesh)
+      batch = parallel.global_batch(  # 'position': on-device augmentation.
+          {k: local[k] for k in ('image', 'label', 'position') if k in local},
+          mesh)
       if step == start_step + 1:  # Compile once, timed, before the first step.
         compile_start = time.perf_counter()
         train_step = train_step.lower(state, batch, train_rng).compile()
@@ -370,11 +388,18 @@ def _train_locked(config, workdir: str) -> dict:
                       config.data.num_classes)
         bar.write(f'step {step}: val dice {val_metrics["dice"]:.4f} '
                   f'iou {val_metrics["iou"]:.4f}')
-        improved = bool(val_metrics['dice'] > best_dice)
+        chosen = val_metrics  # Whole cases choose the best when enabled.
+        if case_val is not None:
+          chosen = case_val.maybe_run(state, step)
+          if chosen is not None:
+            log.write(step, case_validation.SPLIT, chosen)
+            bar.write(f'step {step}: whole-case val dice '
+                      f'{chosen["dice"]:.4f}')
+        improved = chosen is not None and bool(chosen['dice'] > best_dice)
         if improved:
           ckpt.check_space()
-          if ckpt.save_best(step, state, val_metrics):
-            best_dice = val_metrics['dice']
+          if ckpt.save_best(step, state, chosen):
+            best_dice = chosen['dice']
         if ema_decay > 0:
           best_ema_dice = _evaluate_ema(eval_step, state, data, config, mesh,
                                         log, ckpt, step, best_ema_dice)

@@ -196,10 +196,13 @@ RESULT_NEUTRAL_KEYS = (
     'data.cache_dir',
     'data.check',  # Whether files are checked first, not what is read.
     'eval.batch_size',  # Metrics are sums of counts: exact in any batch.
+    'model.conv_impl',  # Which CPU conv kernel: same values up to rounding.
     # Used only by --mode=evaluate / predict, not during training:
     'eval.overlap', 'eval.blend', 'eval.sw_batch_size', 'eval.tta',
     'eval.postprocess', 'eval.mc_samples', 'eval.save_probabilities',
     'eval.gradcam_layer', 'eval.nsd_tolerance_mm',
+    'eval.subgroups', 'eval.subgroups_csv', 'eval.subgroup_bins',
+    'eval.decision',
     'export',  # --mode=export only.
 )
 

@@ -15,11 +15,16 @@ parameter counts are printed beside the times.
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import sys
 import time
 
 import numpy as np
+
+# Run from anywhere: the configs/ package lives at the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _jax_benchmark(args) -> dict:
@@ -34,9 +39,11 @@ def _jax_benchmark(args) -> dict:
       dtype=args.dtype, upsample='transpose', residual=False,
       deep_supervision=False, dropout_rate=0.0))
   model = models.create_model(model_cfg, 1)
-  optim_cfg = ml_collections.ConfigDict(dict(
-      name='adamw', lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999,
-      schedule='constant', min_lr_ratio=0.0, grad_clip_norm=1.0))
+  from configs import default  # pylint: disable=import-outside-toplevel
+  # The base optimiser (AdamW 1e-4, wd 1e-4, clip 1.0): every key
+  # optim.create_optimizer reads is there.
+  optim_cfg = default.get_config().optim
+  optim_cfg.schedule = 'constant'
   schedule = optim.learning_rate_schedule(optim_cfg, total_steps=1,
                                           warmup_steps=0)
   tx = optim.create_optimizer(optim_cfg, schedule)
@@ -140,6 +147,11 @@ def main():
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--no_torch', action='store_true')
   args = parser.parse_args()
+  # Before JAX starts: the CPU convolution kernel main.py picks for these
+  # widths (config.model.conv_impl='auto', models/cpu_conv.py).
+  from medseg_jax.models import cpu_conv  # pylint: disable=import-outside-toplevel
+  if cpu_conv.wants_eigen({'features': args.features}):
+    cpu_conv.prefer_eigen_convolutions()
   results = [_jax_benchmark(args)]
   if not args.no_torch:
     torch_result = _torch_benchmark(args)

@@ -11,7 +11,10 @@ uninterrupted one. The iterator state (its position) is saved with checkpoints.
 This module imports no JAX: process index/count are passed in.
 """
 
+import contextlib
+import copy
 import dataclasses
+import time
 from typing import Any
 
 import grain
@@ -78,22 +81,74 @@ def build_splits(data_cfg) -> DataSplits:
   return DataSplits(source=source, indices=indices)
 
 
-def train_transforms(data_cfg) -> list:
-  """Returns the training transforms of `config.data`, in order.
+AUGMENT_PLACES = ('host', 'device')
 
-  Patch sampling (3D/2D patches with foreground oversampling, when
-  `patch_size` is set), flips/rotations and affine, colour jitter
-  (photographs only: hue and saturation mean nothing for MRI/CT channels),
-  elastic deformation, intensity augmentation (nnU-Net's order), then
-  `Normalize`.
+
+def augment_on(data_cfg) -> str:
+  """Returns where training augmentation runs: 'host' (default) or 'device'.
+
+  Raises:
+    ValueError: `config.data.augment_on` is neither.
+  """
+  place = data_cfg.get('augment_on', 'host') if hasattr(
+      data_cfg, 'get') else getattr(data_cfg, 'augment_on', 'host')
+  if place not in AUGMENT_PLACES:
+    raise ValueError(f'config.data.augment_on={place!r}: must be one of '
+                     f'{AUGMENT_PLACES}.')
+  return place
+
+
+def augmentation_transforms(data_cfg) -> list:
+  """Returns the random augmentation of `config.data`, in order.
+
+  Flips/rotations and affine, colour jitter (photographs only: hue and
+  saturation mean nothing for MRI/CT channels), elastic deformation, then
+  intensity augmentation (nnU-Net's order). The host runs them as Grain
+  transforms; with `augment_on='device'`, `medseg_jax.device_augment` runs
+  the same list inside the train step.
   """
   aug = data_cfg.augment
   colour = (intensity.build_color_transforms(aug)
             if sources.is_photo(data_cfg) else [])
-  return (patches.build_patch_transforms(data_cfg, training=True)
-          + geometric.build_geometric_transforms(aug) + colour
+  return (geometric.build_geometric_transforms(aug) + colour
           + geometric.build_elastic_transforms(aug)
-          + intensity.build_intensity_transforms(aug)
+          + intensity.build_intensity_transforms(aug))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInput(grain.transforms.Map):
+  """What the device needs to augment an example: image and label, as loaded.
+
+  Returns `image` (uint8 photographs stay uint8: a quarter of the bytes to
+  transfer; other dtypes become float32) and `label` int32; the device
+  augments, then normalises (`device_augment`).
+  """
+
+  def map(self, element):
+    """Returns {'image', 'label'} (label only with a class map)."""
+    image = np.asarray(element['image'])
+    if image.dtype != np.uint8:
+      image = image.astype(np.float32, copy=False)
+    out = {'image': image}
+    for key in ('mask', 'label'):
+      if key in element:
+        out['label'] = np.asarray(element[key]).astype(np.int32)
+        break
+    return out
+
+
+def train_transforms(data_cfg) -> list:
+  """Returns the training transforms of `config.data`, in order.
+
+  Patch sampling (3D/2D patches with foreground oversampling, when
+  `patch_size` is set), then with `augment_on='host'` the augmentation
+  (`augmentation_transforms`) and `Normalize`; with `augment_on='device'`
+  only `DeviceInput` (the train step augments and normalises).
+  """
+  patch = patches.build_patch_transforms(data_cfg, training=True)
+  if augment_on(data_cfg) == 'device':
+    return patch + [DeviceInput()]
+  return (patch + augmentation_transforms(data_cfg)
           + transforms_lib.build_eval_transforms(data_cfg.mean, data_cfg.std))
 
 
@@ -141,14 +196,18 @@ class _LoadAndTransform(grain.transforms.Map):
   """Loads the record at a global position and applies the transforms.
 
   Random transforms get a generator seeded by (seed, position), so the same
-  global position is augmented identically in every process layout.
+  global position is augmented identically in every process layout. With
+  `with_position`, the element carries its global position (int32), which
+  keys on-device augmentation the same way.
   """
 
-  def __init__(self, source, record_of_position, ops, seed: int):
+  def __init__(self, source, record_of_position, ops, seed: int,
+               with_position: bool = False):
     self._source = source
     self._record_of_position = record_of_position
     self._ops = ops
     self._seed = seed
+    self._with_position = with_position
 
   def map(self, position):
     position, valid = position if isinstance(position, tuple) else (position, 1)
@@ -160,6 +219,8 @@ class _LoadAndTransform(grain.transforms.Map):
       else:
         element = op.map(element)
     element['valid'] = np.float32(valid)
+    if self._with_position:
+      element['position'] = np.int32(position)
     return element
 
 
@@ -199,7 +260,10 @@ def train_dataset(data: DataSplits, data_cfg, *, global_batch: int,
   Returns:
     An IterDataset of dicts `image` f32 `[b, *spatial, C]`, `label` i32
     `[b, *spatial]`, `valid` f32 `[b]`, with b = global_batch / process_count.
-    Its iterators are checkpointable (`get_state`/`set_state`).
+    With `augment_on='device'`, `image` is as loaded (uint8 or float32,
+    not augmented or normalised) and `position` int32 `[b]` holds each
+    example's global position. Its iterators are checkpointable
+    (`get_state`/`set_state`).
   """
   local_batch = _local_batch_size(global_batch, process_count,
                                   'config.train.batch_size')
@@ -208,9 +272,61 @@ def train_dataset(data: DataSplits, data_cfg, *, global_batch: int,
   dataset = (
       grain.MapDataset.range(num_steps * local_batch)
       .map(_LocalSlots(global_batch, local_batch, process_index))
-      .map(_LoadAndTransform(data.source, order, ops, seed))
+      .map(_LoadAndTransform(data.source, order, ops, seed,
+                             with_position=augment_on(data_cfg) == 'device'))
       .batch(local_batch, drop_remainder=True))
   return _to_iter(dataset, data_cfg)
+
+
+def host_seconds_per_example(data: DataSplits, data_cfg, *, batch_size: int,
+                             num_batches: int, augment: str | None = None,
+                             seed: int = 0, preload: bool = True) -> float:
+  """Returns the host CPU seconds spent per training example, in one process.
+
+  Reads `num_batches` batches of `train_dataset` with no worker processes
+  (so every transform runs in this process) and divides the process's CPU
+  time (`time.process_time()`, all threads: Grain's prefetch threads too)
+  from creating the iterator to its last batch by the examples read; the
+  stream holds exactly those batches, so no read-ahead escapes the count.
+  With `augment='device'` this is the host's share only: loading, patches
+  and batching.
+
+  Args:
+    data: the source and its splits.
+    data_cfg: `config.data`; not modified.
+    batch_size: examples per batch.
+    num_batches: batches read.
+    augment: 'host' or 'device' to override `data_cfg.augment_on`.
+    seed: seed of the order and of augmentation.
+    preload: read the training records into memory first (a warm case
+      cache; synthetic sources regenerate a record on every read), so the
+      figure is the cost per example once decoding is cached.
+
+  Returns:
+    CPU seconds per example.
+  """
+  if preload:
+    records = {int(i): data.source[int(i)] for i in data.indices['train']}
+    data = dataclasses.replace(data, source=records)
+  cfg = copy.deepcopy(data_cfg)
+  unlocked = getattr(cfg, 'unlocked', None)  # A locked ConfigDict.
+  with unlocked() if unlocked else contextlib.nullcontext():
+    cfg.worker_count = 0
+    if augment is not None:
+      cfg.augment_on = augment
+  augment_on(cfg)
+  dataset = train_dataset(data, cfg, global_batch=batch_size,
+                          num_steps=num_batches, seed=seed)
+  start = time.process_time()
+  iterator = iter(dataset)
+  try:
+    for _ in range(num_batches):
+      next(iterator)
+    return (time.process_time() - start) / (num_batches * batch_size)
+  finally:
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+      close()
 
 
 class _IndexLookup:
