@@ -11,6 +11,7 @@ import numpy as np
 from medseg_jax import config_lib
 from medseg_jax import evaluate
 from medseg_jax import exported
+from medseg_jax import register_cases
 from medseg_jax.data import pipeline
 
 PARITY_TOLERANCE = 1e-4  # float32 artefacts vs the in-process model.
@@ -30,6 +31,7 @@ def _dice(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
 def parity_cases(config, limit: int):
   """Returns up to `limit` (0: all) prepared test-split records (else val)."""
   data = pipeline.build_splits(config.data)
+  register_cases.attach(data.source, config.data)  # register_to: as trained.
   if config_lib.slice_context(config) is not None:
     data = evaluate.volume_cases(data)
   split = 'test' if data.size('test') else 'val'
