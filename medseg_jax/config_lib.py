@@ -324,7 +324,9 @@ def fill_from_data(config, explicit=None) -> ml_collections.ConfigDict:
   when every channel is CT; each is filled only where the config kept
   configs/default.py's value. 2D slices of several sizes get
   `patch_size` = the median slice size (rounded up to the U-Net's
-  downsampling).
+  downsampling). `folder` and `isic2018` data sets give `in_channels`, the
+  mask values (`num_classes`, `label_values`) and 1-value mean/std for
+  grayscale from their first files (`data.folder_inference`).
 
   A config file written for another source (configs/unet3d.py makes
   4-channel synthetic tumours) run with `--config.data.source=nifti` passes
@@ -340,11 +342,17 @@ def fill_from_data(config, explicit=None) -> ml_collections.ConfigDict:
     A new ConfigDict; `config` is not changed.
 
   Raises:
-    ValueError: a config value contradicts dataset.json (one line naming
-      both), or dataset.json has region-based labels.
+    ValueError: a config value contradicts dataset.json or the images (one
+      line naming both), or dataset.json has region-based labels.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   _fill_volume_statistics(config, explicit)
+  if config.data.source in ('folder', 'isic2018') and config.data.root:
+    # Photographs state channels and labels in their files (first ones read).
+    from medseg_jax.data import folder_inference  # pylint: disable=import-outside-toplevel
+    folder_inference.fill_config(
+        config, lambda key: _given(config, key, explicit))
+    return config
   if config.data.source != 'nifti' or not config.data.root:
     return config
   from medseg_jax.data import dataset_json  # pylint: disable=import-outside-toplevel

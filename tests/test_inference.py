@@ -246,10 +246,15 @@ def test_ensemble_averages_members_with_one_compilation():
   singles = [np.asarray(inference.make_predict_fn(model, v)(x))
              for v in members]
   TRACES.clear()
+  inference._jitted_apply.cache_clear()  # pylint: disable=protected-access
   ensemble = inference.make_predict_fn(model, members)
   np.testing.assert_allclose(ensemble(x), np.mean(singles, axis=0),
                              atol=1e-6)
-  assert len(TRACES) == 1
+  assert len(TRACES) == 1  # One program for all members.
+  TRACES.clear()
+  again = inference.make_predict_fn(model, members)
+  np.testing.assert_allclose(again(x), ensemble(x))
+  assert not TRACES  # A second predict function reuses the compilation.
   np.testing.assert_allclose(
       inference.make_predict_fn(model, members[:1])(x), singles[0])
   with pytest.raises(ValueError, match='at least one'):
