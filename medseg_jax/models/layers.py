@@ -132,6 +132,18 @@ def total_stride(strides: Sequence[Sequence[int]], num_levels: int,
   return tuple(total)
 
 
+def input_divisor(features: Sequence[int], strides: Sequence[Sequence[int]]
+                  ) -> int | tuple[int, ...]:
+  """Returns what every spatial input size must be a multiple of.
+
+  2**(len(features) - 1) with the default strides (an int: any number of
+  spatial dims); with `strides`, the product along each axis, e.g. (4, 8, 8).
+  """
+  if not strides:
+    return 2**(len(features) - 1)
+  return total_stride(strides, len(features), len(strides[0]))
+
+
 def _nearest_multiples(size: int, factor: int) -> list[int]:
   lower = (size // factor) * factor
   return [s for s in (lower, lower + factor) if s > 0]

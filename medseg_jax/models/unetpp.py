@@ -70,10 +70,7 @@ class UNetPlusPlus(nn.Module):
     2**(len(features) - 1) with the default strides; with `strides`, the
     product of the strides along each axis, e.g. (4, 8, 8).
     """
-    if not self.strides:
-      return 2**(len(self.features) - 1)
-    return layers.total_stride(self.strides, len(self.features),
-                               len(self.strides[0]))
+    return layers.input_divisor(self.features, self.strides)
 
   @nn.compact
   def __call__(self, x, train: bool, mc_dropout: bool = False):
