@@ -7,6 +7,7 @@ its computations get known answers, and Streamlit's AppTest runs the script.
 import csv
 import functools
 import io
+import sys
 import types
 import zipfile
 
@@ -332,6 +333,10 @@ def test_app_script_loads_the_model_once(run2d, monkeypatch):
   monkeypatch.setattr(loading, 'load_predictor',
                       lambda *a, **k: calls.append(a) or real(*a, **k))
   monkeypatch.setattr('sys.argv', ['app.py', f'--workdir={run2d}'])
+  # AppTest installs the script as sys.modules['__main__'] and leaves it;
+  # restore it, or multiprocessing children spawned later in this pytest
+  # worker (Grain's worker processes) would re-run the app as their main.
+  monkeypatch.setitem(sys.modules, '__main__', sys.modules['__main__'])
   app_path = dashboard_main.APP
   first = AppTest.from_file(app_path, default_timeout=120).run()
   assert not first.exception, first.exception

@@ -325,4 +325,9 @@ def main():
   _batch(cases, truths, settings, names, predictor, failures)
 
 
-main()
+
+# Streamlit runs this script with __name__ == '__main__'; a multiprocessing
+# child spawned from a process that ran it re-imports it as '__mp_main__'
+# and must not start the app.
+if __name__ == '__main__':
+  main()
