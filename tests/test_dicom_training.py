@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 import pytest
 
 from medseg_jax import predict
@@ -18,6 +18,7 @@ from medseg_jax.data import check
 from medseg_jax.data import dicom_series
 from medseg_jax.data import volume_io
 from medseg_jax.data import volume_sources
+from tests import test_volume_io
 from tests.conftest import set_fields, tiny_config, TINY_OVERRIDES
 
 # An oblique series: rows along ROW, columns down COL (LPS cosines).
@@ -48,28 +49,13 @@ def series_affine(origin=ORIGIN):
 
 def write_slice(path, k, pixels, series_uid, modality='CT', **tags):
   """Writes slice k (stored uint16, slope 1, intercept -1024 for CT)."""
-  meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = ('1.2.840.10008.5.1.4.1.1.2' if modality == 'CT'
-                                  else '1.2.840.10008.5.1.4.1.1.128')
-  meta.MediaStorageSOPInstanceUID = generate_uid()
-  meta.TransferSyntaxUID = ExplicitVRLittleEndian
-  ds = Dataset()
-  ds.file_meta = meta
-  ds.SOPClassUID = meta.MediaStorageSOPClassUID
-  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-  ds.SeriesInstanceUID = series_uid
-  ds.Modality = modality
+  ds = test_volume_io.slice_dataset(series_uid, modality)
   ds.Rows, ds.Columns = pixels.shape
   ds.PixelSpacing = [ROW_GAP, COL_GAP]
   ds.SliceThickness = GAP
   ds.ImageOrientationPatient = [float(v) for v in (*ROW, *COL)]
   ds.ImagePositionPatient = [float(v) for v in ORIGIN + k * GAP * NORMAL]
   ds.InstanceNumber = 100 - k  # Misleading on purpose.
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = 'MONOCHROME2'
-  ds.BitsAllocated = ds.BitsStored = 16
-  ds.HighBit = 15
-  ds.PixelRepresentation = 0
   ds.RescaleSlope = 1
   ds.RescaleIntercept = -1024 if modality == 'CT' else 0
   for key, value in tags.items():

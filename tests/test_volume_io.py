@@ -120,10 +120,17 @@ ORIGIN = np.array([10.0, -20.0, 30.0])
 GAP = 2.5
 
 
-def dicom_slice(path, k, series_uid, rows=4, columns=5, instance=None):
-  """Writes slice k of an oblique CT series (uint16 stored, slope 2, -1024)."""
+_SOP_CLASSES = {'CT': '1.2.840.10008.5.1.4.1.1.2',  # CT image storage.
+                'PT': '1.2.840.10008.5.1.4.1.1.128'}  # PET image storage.
+
+
+def slice_dataset(series_uid, modality='CT'):
+  """Returns a single-frame DICOM slice: file meta, UIDs, uint16 grayscale.
+
+  Geometry, rescale and pixel data are the caller's.
+  """
   meta = FileMetaDataset()
-  meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.2'  # CT image.
+  meta.MediaStorageSOPClassUID = _SOP_CLASSES[modality]
   meta.MediaStorageSOPInstanceUID = generate_uid()
   meta.TransferSyntaxUID = ExplicitVRLittleEndian
   ds = Dataset()
@@ -131,18 +138,24 @@ def dicom_slice(path, k, series_uid, rows=4, columns=5, instance=None):
   ds.SOPClassUID = meta.MediaStorageSOPClassUID
   ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
   ds.SeriesInstanceUID = series_uid
-  ds.Modality = 'CT'
+  ds.Modality = modality
+  ds.SamplesPerPixel = 1
+  ds.PhotometricInterpretation = 'MONOCHROME2'
+  ds.BitsAllocated = ds.BitsStored = 16
+  ds.HighBit = 15
+  ds.PixelRepresentation = 0
+  return ds
+
+
+def dicom_slice(path, k, series_uid, rows=4, columns=5, instance=None):
+  """Writes slice k of an oblique CT series (uint16 stored, slope 2, -1024)."""
+  ds = slice_dataset(series_uid)
   ds.Rows, ds.Columns = rows, columns
   ds.PixelSpacing = [0.7, 0.9]  # Between rows, between columns.
   ds.SliceThickness = GAP
   ds.ImageOrientationPatient = [*ROW, *COL]
   ds.ImagePositionPatient = [float(v) for v in ORIGIN + k * GAP * NORMAL]
   ds.InstanceNumber = instance if instance is not None else k + 1
-  ds.SamplesPerPixel = 1
-  ds.PhotometricInterpretation = 'MONOCHROME2'
-  ds.BitsAllocated = ds.BitsStored = 16
-  ds.HighBit = 15
-  ds.PixelRepresentation = 0
   ds.RescaleSlope, ds.RescaleIntercept = 2, -1024
   ds.PixelData = stored_pixels(k, rows, columns).tobytes()
   ds.save_as(str(path), enforce_file_format=True)
