@@ -201,13 +201,13 @@ def _require(*names: str) -> None:
 
 
 def _train() -> None:
-  result = train.train_and_evaluate(_filled_config(), FLAGS.workdir)
+  result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    explicit=_explicit_keys())
   if jax.process_index() == 0:
     workdir = os.path.abspath(FLAGS.workdir)
     outputs = 'config.json, metrics.jsonl, checkpoints/' + (
         ', tensorboard/' if FLAGS.config.train.tensorboard else '')
-    best = ('best whole-case' if FLAGS.config.train.get('case_val_every', 0)
-            else 'best')
+    best = 'best whole-case' if FLAGS.config.train.case_val_every else 'best'
     print(f'Done. Validation Dice {result["dice"]:.4f} ({best} '
           f'{result["best_dice"]:.4f}), IoU {result["iou"]:.4f}, '
           f'sensitivity {result["sensitivity"]:.4f}, specificity '
@@ -215,23 +215,28 @@ def _train() -> None:
           f'Next: python -m medseg_jax.main --mode=evaluate --workdir={workdir}')
 
 
-def _filled_config():
-  """--config with the values its data set states (config_lib.fill_from_data).
+def _explicit_keys():
+  """The `explicit` argument of config_lib.fill_from_data for this command.
 
   When --config.data.source is switched on the command line, the file's
-  data values were written for its own source: only --config.data.* flags
-  bind then.
+  data values were written for its own source: only the keys given on the
+  command line bind then (None: every value that differs from the defaults).
   """
   given = {m.group(1) for m in map(_OVERRIDE.match, sys.argv[1:]) if m}
-  return config_lib.fill_from_data(
-      FLAGS.config, explicit=given if 'data.source' in given else None)
+  return given if 'data.source' in given else None
+
+
+def _filled_config():
+  """--config with the values its data set states (config_lib.fill_from_data)."""
+  return config_lib.fill_from_data(FLAGS.config, explicit=_explicit_keys())
 
 
 def _plan() -> None:
   from medseg_jax import plan_config  # pylint: disable=import-outside-toplevel
-  plan = plan_config.run_plan(_filled_config(), FLAGS.workdir,
+  plan = plan_config.run_plan(FLAGS.config, FLAGS.workdir,
                               FLAGS['config'].config_filename,
-                              memory_gb=FLAGS.plan_memory_gb)
+                              memory_gb=FLAGS.plan_memory_gb,
+                              explicit=_explicit_keys())
   print(plan_config.format_plan(plan))
   if FLAGS.plan_compare_nnunet:
     from medseg_jax import plan_nnunet  # pylint: disable=import-outside-toplevel

@@ -156,7 +156,7 @@ def format_plan(plan: dict) -> str:
 
 
 def run_plan(config, workdir: str, base_name: str,
-             memory_gb: float | None = None) -> dict:
+             memory_gb: float | None = None, explicit=None) -> dict:
   """Fingerprints, plans and writes the config files of `--mode=plan`.
 
   Args:
@@ -164,6 +164,8 @@ def run_plan(config, workdir: str, base_name: str,
     workdir: the plan folder (created).
     base_name: how the docstrings name the base config (its --config).
     memory_gb: the budget of one train step; None/0 = the device's.
+    explicit: the command line's keys when they alone bind (see
+      `config_lib.fill_from_data`); None otherwise.
 
   Returns:
     The plan (also in WORKDIR/plan.json).
@@ -176,7 +178,7 @@ def run_plan(config, workdir: str, base_name: str,
   if memory_gb is not None and not memory_gb > 0:
     raise ValueError(f'--plan_memory_gb={memory_gb} must be > 0 (GiB), or '
                      "left out for the present device's memory.")
-  config = config_lib.fill_from_data(config)
+  config = config_lib.fill_from_data(config, explicit=explicit)
   if config.data.source != 'nifti':
     raise ValueError(f"--mode=plan needs config.data.source='nifti' (got "
                      f'{config.data.source!r}) and config.data.root.')

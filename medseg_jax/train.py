@@ -219,7 +219,7 @@ def _evaluate_ema(eval_step, state, data, config, mesh, log, ckpt, step,
   return best_ema_dice
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, explicit=None) -> dict:
   """Trains, evaluates on the validation split and checkpoints, resuming if possible.
 
   Before anything is written, the config's values are validated, the workdir
@@ -229,6 +229,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Args:
     config: the experiment's ConfigDict (see configs/default.py).
     workdir: where config.json, metrics.jsonl and checkpoints/ are written.
+    explicit: the keys given on the command line when they alone bind
+      (see `config_lib.fill_from_data`); None for a config from code.
 
   Returns:
     The validation metrics of the last evaluation, plus 'best_dice' (the
@@ -237,7 +239,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   # Values the data set states itself (dataset.json's channels and labels)
   # fill the defaults; contradictions are refused before anything is written.
-  config = config_lib.fill_from_data(config)
+  config = config_lib.fill_from_data(config, explicit=explicit)
   config_checks.validate_config(config)
   workdir_lib.check_writable(workdir)
   with _writer_lock(workdir):
