@@ -56,7 +56,7 @@ def training_schedule(config, num_train: int) -> dict[str, int]:
   if num_train < batch:
     raise ValueError(f'The train split has {num_train} cases, fewer than '
                      f'config.train.batch_size={batch}.')
-  fixed = config.train.get('steps_per_epoch', 0)
+  fixed = config.train.steps_per_epoch
   per_epoch = fixed if fixed > 0 else num_train // batch
   total = (config.train.num_steps if config.train.num_steps > 0 else
            max(1, round(config.train.num_epochs * per_epoch)))
@@ -285,7 +285,7 @@ def _train_locked(config, workdir: str) -> dict:
   model = models.create_model(config.model, config.data.num_classes)
   case_val = (case_validation.CaseValidator(
       config, model, data, sched['eval_every'], total_steps)
-              if config.train.get('case_val_every', 0) > 0 else None)
+              if config.train.case_val_every > 0 else None)
   schedule = optim.learning_rate_schedule(
       config.optim, total_steps=total_steps, warmup_steps=sched['warmup_steps'])
   tx = optim.create_optimizer(config.optim, schedule, ema_decay)
