@@ -67,14 +67,11 @@ def planned_values(plan: dict, kind: str, config) -> dict:
       'model.features': tuple(found['features']),
       'train.batch_size': int(found['batch_size']),
       'eval.batch_size': int(found['batch_size']),
+      'model.strides': tuple(tuple(r) for r in found['strides']),
+      'train.steps_per_epoch': int(plan['steps_per_epoch']),
   }
   if norm['intensity'] == 'ct':
     values['data.preprocess.ct_window'] = tuple(norm['ct_window'])
-  defaults = config_lib.default_config()
-  if 'strides' in defaults.model:
-    values['model.strides'] = tuple(tuple(r) for r in found['strides'])
-  if 'steps_per_epoch' in defaults.train:
-    values['train.steps_per_epoch'] = int(plan['steps_per_epoch'])
   return values
 
 
@@ -98,8 +95,7 @@ def _docstring(plan, fp, kind, base_name, path, other) -> str:
       f'- configurations {plan["chosen"]}: {plan["chosen_reason"]}.',
   ]
   lines += [f'- {reason}.' for reason in found['reasons']]
-  spe = ('; an epoch is 250 steps (nnU-Net)' if 'steps_per_epoch' in
-         config_lib.default_config().train else '')
+  spe = f'; an epoch is {plan["steps_per_epoch"]} steps (nnU-Net)'
   both = (f' (the same split keys as {other}, so their test figures '
           'compare the same cases)' if len(plan['chosen']) > 1 else '')
   lines += [
@@ -192,8 +188,7 @@ def run_plan(config, workdir: str, base_name: str,
   budget, budget_from = _budget(memory_gb)
   fp = fingerprint_lib.compute_fingerprint(config.data)
   plan = planning.make_plan(fp, tuple(config.model.features),
-                            plan_memory.step_memory_fn(config), budget,
-                            plan_memory.strides_supported())
+                            plan_memory.step_memory_fn(config), budget)
   plan['memory_budget_from'] = budget_from
   plan['base_config'] = base_name
   plan['split'] = plan_split(config.data)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from medseg_jax import config_lib
 from medseg_jax import models
 from medseg_jax import optim
 from medseg_jax import state as state_lib
@@ -45,11 +44,6 @@ def default_budget_bytes() -> tuple[int, str]:
       'memory statistics; set --plan_memory_gb)')
 
 
-def strides_supported() -> bool:
-  """Whether configs/default.py has `model.strides` (per-axis pooling)."""
-  return 'strides' in config_lib.default_config().model
-
-
 def peak_bytes(compiled) -> int:
   """Returns the peak memory of a compiled program (XLA's analysis).
 
@@ -67,8 +61,7 @@ def peak_bytes(compiled) -> int:
 def _model_config(config, features, strides) -> ml_collections.ConfigDict:
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.features = tuple(int(f) for f in features)
-  if strides_supported():
-    model_cfg.strides = tuple(tuple(int(s) for s in row) for row in strides)
+  model_cfg.strides = tuple(tuple(int(s) for s in row) for row in strides)
   return model_cfg
 
 

@@ -165,8 +165,8 @@ def _widths(base: Sequence[int], levels: int) -> tuple[int, ...]:
 
 def plan_patch_and_batch(median: Sequence[int], spacing: Sequence[float],
                          measure: Measure, budget: int,
-                         base_features: Sequence[int], dataset_voxels: float,
-                         strides_supported: bool = True) -> dict:
+                         base_features: Sequence[int], dataset_voxels: float
+                         ) -> dict:
   """Searches the largest patch at batch 2, then the largest batch, that fit.
 
   Args:
@@ -177,8 +177,6 @@ def plan_patch_and_batch(median: Sequence[int], spacing: Sequence[float],
     budget: bytes one step may use.
     base_features: the base config's widths (their count caps the depth).
     dataset_voxels: voxels of all planning cases (for the 5% batch cap).
-    strides_supported: False when the U-Net has no `strides` (then every
-      level pools every axis, so the depth is limited by the smallest axis).
 
   Returns:
     {'patch_size', 'batch_size', 'strides', 'features', 'memory_bytes',
@@ -191,14 +189,7 @@ def plan_patch_and_batch(median: Sequence[int], spacing: Sequence[float],
   patch = [max(1, int(m)) for m in median]
   candidates = []
   while True:
-    if strides_supported:
-      strides = pooling(patch, spacing, max_levels)
-    else:  # Every level pools every axis: stop when one axis cannot.
-      strides = []
-      for row in pooling(patch, [1.0] * ndim, max_levels):
-        if min(row) < 2:
-          break
-        strides.append(row)
+    strides = pooling(patch, spacing, max_levels)
     features = _widths(base_features, len(strides) + 1)
     shape = round_up(patch, divisor(strides, ndim))
     used = measure(tuple(shape), 2, features, tuple(strides))
@@ -273,14 +264,14 @@ def _pooling_reason(strides, spacing, axes: str) -> str:
 
 def plan_configuration(ndim: int, median: Sequence[int], spacing,
                        measure: Measure, budget: int, base_features,
-                       dataset_voxels: float, strides_supported: bool) -> dict:
+                       dataset_voxels: float) -> dict:
   """Returns one configuration ('3d' on volumes, '2d' on axial slices).
 
   Args:
     ndim: 3 (patches of the volume) or 2 (in-plane slices).
     median: the median resampled (D, H, W) shape.
     spacing: the target spacing (D, H, W).
-    measure, budget, base_features, dataset_voxels, strides_supported: see
+    measure, budget, base_features, dataset_voxels: see
       `plan_patch_and_batch`.
 
   Returns:
@@ -288,8 +279,7 @@ def plan_configuration(ndim: int, median: Sequence[int], spacing,
   """
   median_n, spacing_n = list(median)[-ndim:], list(spacing)[-ndim:]
   found = plan_patch_and_batch(median_n, spacing_n, measure, budget,
-                               base_features, dataset_voxels,
-                               strides_supported)
+                               base_features, dataset_voxels)
   axes = 'DHW'[-ndim:]
   cover = float(np.prod([min(1.0, p / m) for p, m in
                          zip(found['patch_size'], median_n)]))
@@ -335,8 +325,8 @@ def choose_configurations(fp: dict, median: Sequence[int],
   return chosen, '; '.join(why)
 
 
-def make_plan(fp: dict, base_features, measure: Measure, budget: int,
-              strides_supported: bool = True) -> dict:
+def make_plan(fp: dict, base_features, measure: Measure, budget: int
+              ) -> dict:
   """Returns the plan of a fingerprint: spacing, normalisation, configurations.
 
   Args:
@@ -344,7 +334,6 @@ def make_plan(fp: dict, base_features, measure: Measure, budget: int,
     base_features: widths of the base config (their count caps the depth).
     measure: (spatial, batch, features, strides) -> peak bytes of a step.
     budget: bytes one train step may use.
-    strides_supported: whether the U-Net takes per-axis strides.
 
   Returns:
     A JSON-ready dict; deterministic for the same fingerprint and measure.
@@ -356,13 +345,11 @@ def make_plan(fp: dict, base_features, measure: Measure, budget: int,
   configs = {}
   if median[0] >= 2 * MIN_FEATURE_MAP:
     configs['3d'] = plan_configuration(3, median, spacing, measure, budget,
-                                       base_features, voxels,
-                                       strides_supported)
+                                       base_features, voxels)
   chosen, why = choose_configurations(fp, median, configs.get('3d'))
   if '2d' in chosen:
     configs['2d'] = plan_configuration(2, median, spacing, measure, budget,
-                                       base_features, voxels,
-                                       strides_supported)
+                                       base_features, voxels)
   return {'target_spacing': [round(s, 6) for s in spacing],
           'target_spacing_reason': spacing_reason,
           'median_shape': median,
